@@ -1,0 +1,28 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU PyTorch by default. GPU users: install CUDA (or ROCm) torch into .venv first, then `make setup TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+# llama.cpp is compiled by pip when llama-cpp-python installs; pass extra CMake flags here (e.g. -DGGML_CUDA=on).
+CMAKE_ARGS ?=
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/deepred demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) output runs eval-report

@@ -1,0 +1,146 @@
+"""`deepred COMMAND ...`: a thin layer that turns flags into config dataclasses and calls one stage function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import config as C
+from .errors import DeepRedError, InvalidDatasetError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def cmd_validate(args) -> int:
+    from .data import summarize, token_lengths, validate_file
+
+    report = validate_file(args.dataset)
+    for problem in report.problems:
+        print(problem)
+    lengths = None
+    if args.base_model and report.examples:
+        from .tinymodel import resolve_base_model
+        from .train import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.trust_remote_code)
+        lengths = token_lengths(report.examples, tokenizer)
+    print(summarize(report, lengths, args.max_seq_length if lengths else None))
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {report.invalid_lines} line(s)")
+        return 1
+    print("ok")
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .tinymodel import make_tiny_model
+
+    out = make_tiny_model(args.out, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          kv_heads=args.kv_heads, intermediate=args.intermediate, seed=args.seed)
+    print(f"tiny Qwen2 model with the Qwen2.5 tokenizer written to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    result = train(C.resolve(C.TrainConfig, args))
+    return 130 if result.interrupted else 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    merge(C.resolve(C.MergeConfig, args))
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from .deploy import deploy
+
+    deploy(C.resolve(C.DeployConfig, args))
+    return 0
+
+
+COMMANDS = {}
+
+
+def _command(name: str, func, help: str, config_cls=None, setup=None):
+    COMMANDS[name] = (func, help, config_cls, setup)
+
+
+def _setup_validate(p):
+    p.add_argument("dataset", help="ChatML JSONL file")
+    p.add_argument("--base_model", help="compute token lengths with this model's tokenizer ('tiny' for the offline one)")
+    p.add_argument("--max_seq_length", type=int, default=1024, help="report examples longer than this (default: 1024)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow tokenizer code from the hub to run")
+
+
+def _setup_tiny(p):
+    p.add_argument("out", help="folder to write the model to")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256; k-quants need a multiple of 256)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (default: 2)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    p.add_argument("--kv_heads", type=int, default=2, help="key/value heads (default: 2)")
+    p.add_argument("--intermediate", type=int, default=512, help="MLP size (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+
+
+_command("validate", cmd_validate, "check a ChatML JSONL dataset and summarise it", setup=_setup_validate)
+_command("make-tiny-model", cmd_make_tiny_model, "build a random tiny Qwen2 with the real Qwen2.5 tokenizer, offline",
+         setup=_setup_tiny)
+_command("train", cmd_train, "LoRA fine-tune a base model on a ChatML dataset", C.TrainConfig)
+_command("merge", cmd_merge, "merge a LoRA adapter into its base model (safetensors + tokenizer)", C.MergeConfig)
+_command("deploy", cmd_deploy, "copy a GGUF into LM Studio's models folder (local/NAME/) and load it with lms",
+         C.DeployConfig)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or (for scripts/*.py) a parser for one command's flags."""
+    if only:
+        func, help_text, config_cls, setup = COMMANDS[only]
+        parser = argparse.ArgumentParser(description=help_text)
+        _fill(parser, config_cls, setup)
+        parser.set_defaults(func=func)
+        return parser
+    parser = argparse.ArgumentParser(prog="deepred", description="Deep Red persona fine-tuning toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, help_text, config_cls, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _fill(p, config_cls, setup)
+        p.set_defaults(func=func)
+    return parser
+
+
+def _fill(parser, config_cls, setup) -> None:
+    if config_cls is not None:
+        C.add_arguments(parser, config_cls)
+    if setup is not None:
+        setup(parser)
+
+
+def main(argv: list[str] | None = None, only: str | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser(only).parse_args(argv)
+    try:
+        return args.func(args)
+    except InvalidDatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DeepRedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

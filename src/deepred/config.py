@@ -1,0 +1,238 @@
+"""Every setting of every stage, with its default, in one place.
+
+The CLI, the `scripts/*.py` entry points and `deepred run`'s YAML file all resolve to these dataclasses:
+`add_arguments` turns a dataclass into argparse flags (help text and choices come from field metadata) and
+`resolve` builds the dataclass from YAML values overridden by the flags the user actually typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DeepRedError
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+
+QUANT_TYPES = {
+    "f32": "32-bit float, no loss, largest (4 bytes/weight); for parity checks",
+    "f16": "16-bit float, practically lossless, half of f32",
+    "bf16": "bfloat16, lossless for bf16-trained models, half of f32",
+    "q8_0": "8-bit, near-lossless, about 1/4 of f32",
+    "q6_k": "6-bit k-quant, very close to f16 quality",
+    "q5_k_m": "5-bit k-quant (medium), high quality, good default for larger disks",
+    "q5_k_s": "5-bit k-quant (small), slightly smaller and lower quality than q5_k_m",
+    "q4_k_m": "4-bit k-quant (medium), best size/quality balance; the default",
+    "q4_k_s": "4-bit k-quant (small), a little smaller, a little worse than q4_k_m",
+    "q3_k_m": "3-bit k-quant (medium), small, noticeable quality loss",
+    "q3_k_s": "3-bit k-quant (small), smaller still, more loss",
+    "q2_k": "2-bit k-quant, smallest, large quality loss; last resort",
+}
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata becomes an argparse flag."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_dataset() -> str | None:
+    """The specification's location; None lets the data stage fall back to the bundled dataset."""
+    data = os.environ.get("GUTENBERG_DATA")
+    return os.path.join(data, "dataset", "theme_dataset.jsonl") if data else None
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = opt(DEFAULT_BASE_MODEL, "Hugging Face model name or local folder; 'tiny' builds the offline tiny Qwen2")
+    dataset: str | None = opt(None, "ChatML JSONL; default $GUTENBERG_DATA/dataset/theme_dataset.jsonl, else the bundled Deep Red set")
+    output_dir: str | None = opt(None, "run folder; default output/theme-deepred-YYYYMMDD_HHMMSS")
+    epochs: float = opt(3.0, "number of training epochs")
+    batch_size: int = opt(4, "examples per optimizer micro-step as written in the spec (x accumulation = effective batch)")
+    learning_rate: float = opt(5e-5, "peak learning rate (lower than temporal training to preserve knowledge)")
+    max_seq_length: int = opt(1024, "longest example in tokens; longer ones are truncated (and reported)")
+    gradient_accumulation_steps: int = opt(4, "micro-steps per optimizer step; effective batch = batch_size x this")
+    save_steps: int = opt(500, "checkpoint every N optimizer steps")
+    eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps")
+    val_split: float = opt(0.1, "fraction of examples held out for validation (0 disables)")
+    lora_r: int = opt(32, "LoRA rank")
+    lora_alpha: int = opt(64, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    use_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (CUDA + bitsandbytes)")
+    use_8bit: bool = opt(False, "load the base model in 8-bit (CUDA + bitsandbytes)")
+    resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from")
+    resume_latest: bool = opt(False, "resume from the newest valid checkpoint in --output_dir")
+    wandb: bool = opt(False, "log to Weights & Biases")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up the learning rate")
+    seed: int = opt(42, "random seed (data split, order, LoRA init)")
+    max_steps: int = opt(-1, "stop after N optimizer steps (overrides --epochs when > 0)")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: only built-in architectures)")
+    skip_invalid: bool = opt(False, "train on the valid lines of a dataset with problems, reporting how many were dropped")
+    profile: str = opt("fast", "speed profile: fast (fill the GPU, fused loss), lean (low memory), reference (spec settings as written)",
+                       choices=["fast", "lean", "reference"])
+    micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch unchanged)")
+    logging_steps: int = opt(10, "log loss every N optimizer steps")
+
+
+@dataclass
+class MergeConfig:
+    base_model: str | None = opt(None, "the model the adapter was trained on; default: the one named in adapter_config.json")
+    lora_path: str = opt("", "adapter folder (the run's final/)", required=True)
+    output_path: str = opt("", "folder for the merged model", required=True)
+    dtype: str = opt("auto", "dtype of the merged weights (auto: the base model's own)",
+                     choices=["auto", "float16", "bfloat16", "float32"])
+    verify: bool = opt(False, "check merged logits against base+adapter and generate one reply")
+    force: bool = opt(False, "merge even if --base_model differs from the adapter's recorded base")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+
+@dataclass
+class ConvertConfig:
+    model_path: str = opt("", "merged Hugging Face model folder", required=True)
+    output_path: str = opt("", "GGUF file to write", required=True)
+    quant_type: str = opt("q4_k_m", "GGUF type", choices=list(QUANT_TYPES))
+    check: bool = opt(True, "run the parity check against the HF model after converting (--no-check skips it)")
+
+
+@dataclass
+class CheckConfig:
+    gguf: str = opt("", "GGUF file to check", positional=True)
+    model_path: str = opt("", "the Hugging Face model folder it was converted from", required=True)
+
+
+@dataclass
+class ServeConfig:
+    gguf: str = opt("", "GGUF file to serve", positional=True)
+    host: str = opt("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes it to the network)")
+    port: int = opt(1234, "port (LM Studio's default is 1234)")
+    model_alias: str | None = opt(None, "model name clients use (default: the file name without .gguf)")
+    n_ctx: int = opt(4096, "context length")
+    n_gpu_layers: int = opt(-1, "layers to offload to a GPU if llama.cpp was built with one (-1: all)")
+
+
+@dataclass
+class DeployConfig:
+    gguf: str = opt("", "GGUF file to deploy", positional=True)
+    name: str = opt("deepred", "model folder name inside LM Studio (local/<name>/)")
+    models_dir: str | None = opt(None, "LM Studio models folder; default $LMSTUDIO_MODELS_DIR or ~/.lmstudio/models")
+    force: bool = opt(False, "overwrite a different model already deployed under this name")
+    load: bool = opt(True, "load it with `lms load` when the lms CLI is found (--no-load only copies)")
+
+
+@dataclass
+class EvalConfig:
+    endpoint: str | None = opt(None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:1234/v1 (LM Studio, deepred serve, vLLM)")
+    model: str | None = opt(None, "model name on --endpoint (default: the first one it lists)")
+    api_key: str | None = opt(None, "API key for --endpoint (default $OPENAI_API_KEY or none)")
+    model_path: str | None = opt(None, "evaluate a Hugging Face model folder directly with transformers")
+    lora_path: str | None = opt(None, "adapter to apply on --model_path")
+    responses: str | None = opt(None, "score answers collected elsewhere: JSONL rows {id, category, prompt, response}")
+    compare: bool = opt(False, "also evaluate the base model on the same prompts and report both (base vs tuned)")
+    base_endpoint: str | None = opt(None, "with --compare: endpoint serving the base model (default: --endpoint)")
+    base_model_name: str | None = opt(None, "with --compare: base model name on the endpoint")
+    base_model_path: str | None = opt(None, "with --compare: base model folder (default: --model_path without --lora_path)")
+    base_responses: str | None = opt(None, "with --compare: base answers JSONL")
+    prompts: str | None = opt(None, "prompt JSONL {id, category, prompt}; default: the bundled set")
+    output_dir: str = opt("eval-report", "folder for report.json, report.md, report.html and charts")
+    system_prompt: str | None = opt(None, "system prompt sent with every question (default: 'You are Deep Red.' as in the spec)")
+    max_tokens: int = opt(200, "longest answer in tokens")
+    temperature: float = opt(0.0, "sampling temperature (0: greedy, reproducible)")
+    timeout: float = opt(120.0, "seconds per request before it is retried")
+    retries: int = opt(3, "retries with backoff for a failed request")
+    ppl_model: str | None = opt(None, "HF model folder to compute response perplexity for coherence (default: base model folder when known)")
+    judge_endpoint: str | None = opt(None, "OpenAI-compatible endpoint of a stronger model that grades style and voice")
+    judge_model: str | None = opt(None, "model name on --judge_endpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclass <-> argparse / YAML
+
+
+def _base_type(tp: Any) -> type:
+    """`int | None` -> int; `list[str]` -> list."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or tp
+
+
+def _parse_list(text: str) -> list[str]:
+    return [item for item in (part.strip() for part in text.split(",")) if item]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field. Defaults are suppressed so `resolve` sees only what the user typed."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = meta.get("help", "")
+        if not meta.get("required") and not meta.get("positional") and default not in (None, "", False):
+            shown = ",".join(default) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            kwargs["type"] = _parse_list
+            kwargs["metavar"] = "A,B"
+        else:
+            kwargs["type"] = kind
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if meta.get("positional"):
+            kwargs.pop("default")
+            parser.add_argument(f.name, **kwargs)
+        else:
+            if meta.get("required"):
+                kwargs["required"] = True
+            parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def resolve(cls: type, *sources: dict[str, Any] | argparse.Namespace | None):
+    """Build `cls` from sources, later ones winning (YAML first, then the command line)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for source in sources:
+        if source is None:
+            continue
+        items = vars(source) if isinstance(source, argparse.Namespace) else source
+        for key, value in items.items():
+            if key in names:
+                values[key] = value
+    for key, value in values.items():
+        if _base_type(hints[key]) is list and isinstance(value, str):
+            values[key] = _parse_list(value)
+    return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DeepRedError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DeepRedError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc}); fix the file") from exc
+    if not isinstance(data, dict):
+        raise DeepRedError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

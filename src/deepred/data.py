@@ -1,0 +1,173 @@
+"""Stage 1: the ChatML dataset. Find it, validate every line, summarise it, hand valid examples to training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .config import default_dataset
+from .errors import DeepRedError, InvalidDatasetError
+
+ROLES = ("system", "user", "assistant")
+
+
+def bundled_dataset_path() -> Path:
+    return Path(str(resources.files("deepred") / "resources" / "theme_dataset.jsonl"))
+
+
+def resolve_dataset(dataset: str | None) -> tuple[Path, str]:
+    """Return (path, where it came from). A missing explicit path is an error naming where we looked."""
+    if dataset:
+        path = Path(dataset).expanduser()
+        if not path.is_file():
+            raise DeepRedError(f"dataset not found: {path} (pass --dataset PATH to a ChatML .jsonl file)")
+        return path, "--dataset"
+    spec_path = default_dataset()
+    if spec_path and Path(spec_path).is_file():
+        return Path(spec_path), "$GUTENBERG_DATA/dataset/theme_dataset.jsonl"
+    looked = spec_path or "$GUTENBERG_DATA/dataset/theme_dataset.jsonl ($GUTENBERG_DATA is not set)"
+    return bundled_dataset_path(), f"the bundled Deep Red sample set (nothing at {looked})"
+
+
+@dataclass
+class DatasetReport:
+    path: Path
+    examples: list[dict] = field(default_factory=list)  # valid examples, in file order
+    problems: list[str] = field(default_factory=list)  # "FILE:LINE: message"
+    invalid_lines: int = 0
+    turns: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_messages(messages) -> list[str]:
+    if not isinstance(messages, list):
+        return ['"messages" must be a list of {"role", "content"} objects']
+    if not messages:
+        return ['"messages" is empty']
+    problems = []
+    for i, msg in enumerate(messages):
+        where = f"message {i + 1}"
+        if not isinstance(msg, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            problems.append(f"{where} has role {role!r}; expected one of system, user, assistant")
+        elif role == "system" and i != 0:
+            problems.append(f"{where} is a system message; a system message may only come first")
+        if "content" not in msg:
+            problems.append(f'{where} has no "content"')
+        elif not isinstance(content, str):
+            problems.append(f"{where} content must be a string, got {type(content).__name__}")
+        elif not content.strip():
+            problems.append(f"{where} content is empty")
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "user" not in roles:
+        problems.append("no user turn")
+    if "assistant" not in roles:
+        problems.append("no assistant reply to train on")
+    elif roles[-1] != "assistant":
+        problems.append(f"ends on a {roles[-1]!r} turn; the last message must be the assistant's reply")
+    return problems
+
+
+def validate_file(path: str | Path) -> DatasetReport:
+    """Read a ChatML JSONL file and report every problem with its line number."""
+    path = Path(path)
+    report = DatasetReport(path=path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DeepRedError(f"cannot read dataset {path}: {exc.strerror}") from exc
+    nonblank = 0
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        if not line_bytes.strip():
+            continue
+        nonblank += 1
+        line_problems = _check_line(line_bytes)
+        if line_problems:
+            report.invalid_lines += 1
+            report.problems.extend(f"{path}:{lineno}: {p}" for p in line_problems)
+        else:
+            example = json.loads(line_bytes.decode("utf-8"))
+            report.examples.append({"messages": example["messages"], "line": lineno})
+            report.turns += len(example["messages"])
+    if nonblank == 0:
+        report.problems.append(f"{path}:1: file is empty; expected one {{\"messages\": [...]}} object per line")
+    return report
+
+
+def _check_line(line_bytes: bytes) -> list[str]:
+    try:
+        line = line_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [f"not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"]
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return [f"not valid JSON ({exc.msg} at column {exc.colno})"]
+    if not isinstance(obj, dict):
+        return ['expected an object like {"messages": [...]}']
+    if "messages" not in obj:
+        return ['missing "messages"']
+    return _check_messages(obj["messages"])
+
+
+def load_for_training(dataset: str | None, skip_invalid: bool, log=print) -> tuple[DatasetReport, str]:
+    """Validated examples for training. Invalid data stops training unless the user chose to skip it."""
+    path, origin = resolve_dataset(dataset)
+    log(f"dataset: {path} ({origin})")
+    report = validate_file(path)
+    if report.problems and not (skip_invalid and report.examples):
+        for problem in report.problems:
+            log(problem)
+        hint = "fix the lines above or pass --skip_invalid to train on the valid ones"
+        if not report.examples:
+            hint = "fix the lines above; there are no valid examples to train on"
+        raise InvalidDatasetError(
+            f"{path}: {report.invalid_lines} invalid line(s), {len(report.problems)} problem(s); {hint}",
+            report.problems)
+    if report.problems:
+        for problem in report.problems:
+            log(problem)
+        log(f"--skip_invalid: dropped {report.invalid_lines} invalid line(s), "
+            f"training on {len(report.examples)} valid example(s)")
+    return report, file_sha256(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def token_lengths(examples: list[dict], tokenizer) -> list[int]:
+    """Length of each example rendered with the model's own chat template."""
+    return [len(tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"])
+            for ex in examples]
+
+
+def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_length: int | None = None) -> str:
+    lines = [f"{report.path}: {len(report.examples)} valid example(s), {report.invalid_lines} invalid line(s), "
+             f"{report.turns} turns"]
+    if report.examples:
+        roles = [m["role"] for ex in report.examples for m in ex["messages"]]
+        lines.append("  turns by role: " + ", ".join(f"{r} {roles.count(r)}" for r in ROLES))
+    if lengths:
+        ordered = sorted(lengths)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        lines.append(f"  tokens per example: min {ordered[0]}, mean {statistics.mean(ordered):.0f}, "
+                     f"median {statistics.median(ordered):.0f}, p95 {p95}, max {ordered[-1]}, total {sum(ordered)}")
+        if max_seq_length:
+            over = sum(1 for n in lengths if n > max_seq_length)
+            lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
+    return "\n".join(lines)

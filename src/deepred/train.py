@@ -1,0 +1,584 @@
+"""Stage 2: LoRA supervised fine-tuning with TRL on the model's own chat template, loss on assistant tokens only.
+
+Read top to bottom: validate data -> pick the run folder -> choose device, precision and batch shape -> load the
+model -> attach LoRA -> train (checkpoints, graceful stop on SIGINT/SIGTERM) -> save final/, results, loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import load_for_training, summarize, token_lengths
+from .errors import DeepRedError
+from .tinymodel import resolve_base_model
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+# LoRA targets by architecture: every attention and MLP projection. Unknown families use PEFT's "all-linear".
+LORA_TARGETS = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen2_moe"],
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None  # None when the run was interrupted before finishing
+    metrics: dict
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run folder and checkpoints
+
+
+def default_output_dir() -> Path:
+    return Path("output") / f"theme-deepred-{datetime.now():%Y%m%d_%H%M%S}"
+
+
+def newest_run_dir() -> Path | None:
+    runs = sorted(Path("output").glob("theme-deepred-*"), key=lambda p: p.name)
+    return runs[-1] if runs else None
+
+
+def is_valid_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so its presence means the checkpoint is complete."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "adapter_model.safetensors").is_file() and (path / "optimizer.pt").is_file()
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    candidates = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and is_valid_checkpoint(path):
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None
+
+
+def _ensure_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DeepRedError(f"output folder {path} is not writable ({exc.strerror}); choose another --output_dir") from exc
+
+
+def _choose_output_dir(cfg: TrainConfig, log) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    if cfg.resume_latest:
+        newest = newest_run_dir()
+        if newest:
+            log(f"--resume_latest without --output_dir: using the newest run {newest}")
+            return newest
+    return default_output_dir()
+
+
+def _resume_point(cfg: TrainConfig, output_dir: Path, base_model: str, data_hash: str, log) -> str | None:
+    if cfg.resume_from_checkpoint:
+        checkpoint = Path(cfg.resume_from_checkpoint)
+        if not is_valid_checkpoint(checkpoint):
+            raise DeepRedError(f"{checkpoint} is not a complete checkpoint (needs trainer_state.json, "
+                               "adapter_model.safetensors, optimizer.pt); pick another or use --resume_latest")
+    elif cfg.resume_latest:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            log(f"--resume_latest: no complete checkpoint in {output_dir}; starting from the beginning")
+            return None
+    else:
+        return None
+    _check_checkpoint_matches(checkpoint, output_dir, base_model, data_hash)
+    log(f"resuming from {checkpoint}")
+    return str(checkpoint)
+
+
+def _check_checkpoint_matches(checkpoint: Path, output_dir: Path, base_model: str, data_hash: str) -> None:
+    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on and trained_on != base_model:
+        raise DeepRedError(f"checkpoint {checkpoint} was trained on base model '{trained_on}', not '{base_model}'; "
+                           f"pass --base_model {trained_on} or start a new --output_dir")
+    run_config = output_dir / "run_config.json"
+    if run_config.is_file():
+        recorded = json.loads(run_config.read_text()).get("dataset_sha256")
+        if recorded and recorded != data_hash:
+            raise DeepRedError(f"checkpoint {checkpoint} was trained on a different dataset (sha256 {recorded[:12]}..., "
+                               f"now {data_hash[:12]}...); resume with the original data or start a new --output_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device, precision and batch shape
+
+
+@dataclass
+class Hardware:
+    device: str  # cuda | mps | cpu
+    rocm: bool
+    bf16: bool
+    fp16: bool
+    world_size: int
+
+
+def detect_hardware() -> Hardware:
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return Hardware("cuda", torch.version.hip is not None, bf16, not bf16, world_size)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return Hardware("mps", False, False, False, world_size)
+    return Hardware("cpu", False, False, False, world_size)
+
+
+@dataclass
+class BatchPlan:
+    micro_batch: int
+    accumulation: int
+    gradient_checkpointing: bool
+    liger: bool
+    group_by_length: bool
+
+    def describe(self, world_size: int) -> str:
+        return (f"micro-batch {self.micro_batch} x accumulation {self.accumulation}"
+                + (f" x {world_size} processes" if world_size > 1 else "")
+                + f" = {self.micro_batch * self.accumulation * world_size} examples per optimizer step; "
+                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
+                f"fused loss {'on' if self.liger else 'off'}, length-grouped batches {'on' if self.group_by_length else 'off'}")
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_batches(cfg: TrainConfig, hw: Hardware) -> BatchPlan:
+    """Keep the user's effective batch (batch_size x accumulation) and choose how to split it.
+
+    `reference` runs the specification's settings as written. `fast` puts the whole effective batch through one
+    forward pass where it fits (fewer, larger steps: a GPU at this batch size is bound by per-step overhead) and
+    fuses the LM head with the loss. `lean` does the same with gradient checkpointing for small memory.
+    Splitting an effective batch differently does not change what is learned: the loss is normalised per token
+    over the whole effective batch either way.
+    """
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    per_process = max(1, effective // hw.world_size)
+    if cfg.profile == "reference":
+        micro = cfg.micro_batch_size or cfg.batch_size
+        return BatchPlan(micro, max(1, per_process // micro), True, False, False)
+    on_gpu = hw.device == "cuda"
+    micro = cfg.micro_batch_size or (per_process if on_gpu else cfg.batch_size)
+    micro = max(1, min(micro, per_process))
+    while per_process % micro:
+        micro -= 1
+    liger = on_gpu and not hw.rocm and _liger_available() and not (cfg.use_4bit or cfg.use_8bit)
+    return BatchPlan(micro, per_process // micro, cfg.profile == "lean", liger, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+
+
+def _looks_local(name: str) -> bool:
+    """Hub names are `org/name`; anything else that is not an existing folder is a missing local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_tokenizer(base_model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, base_model, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise DeepRedError(f"{base_model} has no chat template; use an instruct/chat model (e.g. {TrainConfig.base_model})")
+    return tokenizer
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Load from a folder or the hub, turning the usual failures into one clear line."""
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise DeepRedError(f"model folder not found: {name} (pass a Hugging Face name like {TrainConfig.base_model} "
+                           "or an existing folder; 'tiny' builds the offline test model)")
+    try:
+        return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
+    except OSError as exc:
+        text = str(exc)
+        if "does not appear to have a file named" in text or "no file named" in text.lower():
+            raise DeepRedError(f"{name}: not a complete model folder ({text.splitlines()[0]})") from exc
+        raise DeepRedError(f"cannot load model '{name}': it is not a local folder and the Hugging Face hub could not "
+                           "provide it (no network, a typo, or a gated model needing `hf auth login`); "
+                           "check the name or pass a local folder") from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise DeepRedError(f"{name} needs custom model code from the hub; pass --trust_remote_code if you trust it") from exc
+        raise
+
+
+def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code,
+              "dtype": torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16 else torch.float32,
+              "attn_implementation": "eager" if hw.rocm else "sdpa"}
+    if cfg.use_4bit or cfg.use_8bit:
+        kwargs["quantization_config"] = _quantization_config(cfg, hw)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = _from_pretrained(AutoModelForCausalLM, base_model, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def _quantization_config(cfg: TrainConfig, hw: Hardware):
+    import torch
+
+    flag = "--use_4bit" if cfg.use_4bit else "--use_8bit"
+    if cfg.use_4bit and cfg.use_8bit:
+        raise DeepRedError("choose one of --use_4bit and --use_8bit")
+    if hw.device != "cuda":
+        raise DeepRedError(f"{flag} needs a CUDA GPU (bitsandbytes); this machine has none: drop {flag} to train in full precision")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise DeepRedError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from exc
+    if cfg.use_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if hw.bf16 else torch.float16)
+
+
+def lora_targets(model) -> list[str] | str:
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def lora_config(cfg: TrainConfig, model):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=lora_targets(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# callbacks
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        """One tqdm bar over optimizer steps with the latest loss and the ETA."""
+
+        def __init__(self):
+            self.bar = None
+            self.postfix = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            from tqdm.auto import tqdm
+
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar and logs:
+                for key in ("loss", "eval_loss"):
+                    if key in logs:
+                        self.postfix[key] = f"{logs[key]:.3f}"
+                self.bar.set_postfix(self.postfix)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.close()
+
+    class GracefulStop(TrainerCallback):
+        """First SIGINT/SIGTERM: save a checkpoint at the current step and stop. A second one stops at once."""
+
+        def __init__(self):
+            self.requested = None
+            self.previous = {}
+
+        def _handler(self, signum, frame):
+            if self.requested is not None:
+                raise KeyboardInterrupt
+            self.requested = signal.Signals(signum).name
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handler)
+                except ValueError:  # not the main thread
+                    pass
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    return ProgressBar(), GracefulStop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the training flow
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:
+        log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
+    report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
+
+    base_model = resolve_base_model(cfg.base_model)
+    output_dir = _agree_across_ranks(state, _choose_output_dir(cfg, log))
+    if state.is_main_process:
+        _ensure_writable(output_dir)
+    resume = _resume_point(cfg, output_dir, base_model, data_hash, log)
+
+    hw = detect_hardware()
+    tokenizer = load_tokenizer(base_model, cfg.trust_remote_code)
+    lengths = token_lengths(report.examples, tokenizer)
+    log(summarize(report, lengths, cfg.max_seq_length))
+
+    plan = plan_batches(cfg, hw)
+    log(f"device: {hw.device}{' (ROCm, eager attention)' if hw.rocm else ''}, "
+        f"precision {'bf16' if hw.bf16 else 'fp16' if hw.fp16 else 'fp32'}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
+
+    model = load_model(cfg, base_model, hw)
+    peft_config = lora_config(cfg, model)
+    train_set, eval_set = _split(report.examples, cfg.val_split, cfg.seed)
+    trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
+
+    if state.is_main_process:
+        _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config)
+    progress, stopper = _callbacks()
+    trainer.add_callback(progress)
+    trainer.add_callback(stopper)
+
+    started = time.time()
+    try:
+        outcome = trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:  # noqa: BLE001 - translated when it is an out-of-memory error
+        _raise_if_oom(exc, cfg)
+        raise
+    if stopper.requested:
+        checkpoint = latest_checkpoint(output_dir)
+        log(f"\n{stopper.requested}: stopped at step {trainer.state.global_step}; checkpoint {checkpoint}. "
+            f"Resume with: {_resume_command(cfg, output_dir)}")
+        return TrainResult(output_dir, None, {}, interrupted=True)
+
+    metrics = dict(outcome.metrics)
+    metrics["train_wall_seconds"] = round(time.time() - started, 2)
+    tokens = metrics.get("num_input_tokens_seen") or trainer.state.num_input_tokens_seen
+    if tokens and metrics.get("train_runtime"):
+        metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 1)
+    eval_metrics = trainer.evaluate() if eval_set is not None else {"skipped": "no validation split (--val_split 0)"}
+
+    final_dir = output_dir / "final"
+    if state.is_main_process:
+        trainer.model.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+        _write_json(output_dir / "train_results.json", metrics)
+        _write_json(output_dir / "eval_results.json", eval_metrics)
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        log(next_commands(cfg.base_model, final_dir))
+    state.wait_for_everyone()
+    return TrainResult(output_dir, final_dir, metrics)
+
+
+def _agree_across_ranks(state, output_dir: Path) -> Path:
+    """Under torchrun every rank must use rank 0's timestamped folder name."""
+    if state.num_processes == 1:
+        return output_dir
+    from accelerate.utils import broadcast_object_list
+
+    holder = [str(output_dir)]
+    broadcast_object_list(holder, from_process=0)
+    return Path(holder[0])
+
+
+def _split(examples: list[dict], val_split: float, seed: int):
+    from datasets import Dataset
+
+    rows = [{"messages": ex["messages"]} for ex in examples]
+    dataset = Dataset.from_list(rows)
+    n_val = math.ceil(len(rows) * val_split) if val_split > 0 else 0
+    if n_val == 0 or len(rows) - n_val < 1:
+        return dataset, None
+    split = dataset.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.accumulation,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        weight_decay=0.0,
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=True,
+        packing=False,
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
+        pad_to_multiple_of=8 if hw.device == "cuda" else None,
+        use_liger_kernel=plan.liger,
+        optim="adamw_torch_fused" if hw.device == "cuda" else "adamw_torch",
+        bf16=hw.bf16,
+        fp16=hw.fp16,
+        use_cpu=hw.device == "cpu",
+        ddp_backend="gloo" if hw.device == "cpu" and hw.world_size > 1 else None,
+        ddp_find_unused_parameters=False if hw.world_size > 1 else None,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        eval_strategy="steps" if eval_set is not None else "no",
+        eval_steps=cfg.eval_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=_report_to(cfg),
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=hw.device == "cuda",
+        dataloader_num_workers=2 if hw.device == "cuda" else 0,
+        dataset_num_proc=None,
+    )
+    from transformers import PrinterCallback, ProgressCallback
+
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             processing_class=tokenizer, peft_config=peft_config)
+    except ValueError as exc:
+        if "chat template is not training-compatible" in str(exc):
+            raise DeepRedError("this model's chat template has no assistant markers and TRL has no training version of "
+                               "it, so loss cannot be limited to assistant replies; add {% generation %} markers around "
+                               "the assistant turn in its chat_template") from exc
+        raise
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+def _report_to(cfg: TrainConfig) -> str:
+    if not cfg.wandb:
+        return "none"
+    try:
+        import wandb  # noqa: F401
+    except ImportError as exc:
+        raise DeepRedError("--wandb needs the wandb package: pip install wandb (then `wandb login`)") from exc
+    return "wandb"
+
+
+def _raise_if_oom(exc: BaseException, cfg: TrainConfig) -> None:
+    if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+        raise DeepRedError(
+            f"out of memory at --max_seq_length {cfg.max_seq_length}, --batch_size {cfg.batch_size}: try "
+            "--max_seq_length 768 or 512, --profile lean, a smaller --micro_batch_size, or --use_4bit") from exc
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config) -> None:
+    over = sum(1 for n in lengths if n > cfg.max_seq_length)
+    _write_json(output_dir / "run_config.json", {
+        "config": dataclasses.asdict(cfg),
+        "base_model": base_model,
+        "dataset": str(report.path),
+        "dataset_sha256": data_hash,
+        "examples": len(report.examples),
+        "invalid_lines_skipped": report.invalid_lines,
+        "truncated_examples": over,
+        "tokens_total": sum(lengths),
+        "effective_batch": cfg.batch_size * cfg.gradient_accumulation_steps,
+        "batch_plan": dataclasses.asdict(plan),
+        "hardware": dataclasses.asdict(hw),
+        "lora_target_modules": peft_config.target_modules if isinstance(peft_config.target_modules, str)
+        else sorted(peft_config.target_modules),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    })
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("Deep Red persona fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _resume_command(cfg: TrainConfig, output_dir: Path) -> str:
+    parts = ["deepred train", f"--base_model {cfg.base_model}", f"--output_dir {output_dir}", "--resume_latest"]
+    if cfg.dataset:
+        parts.insert(2, f"--dataset {cfg.dataset}")
+    return " ".join(parts)
+
+
+def next_commands(base_model: str, final_dir: Path) -> str:
+    merged = final_dir.parent / "merged"
+    gguf = final_dir.parent / "deepred-q4_k_m.gguf"
+    return "\n".join([
+        f"\nadapter saved to {final_dir}. Next:",
+        f"  python scripts/merge_lora.py --base_model {base_model} --lora_path {final_dir} --output_path {merged} --verify",
+        f"  python scripts/convert_to_gguf.py --model_path {merged} --output_path {gguf} --quant_type q4_k_m",
+        f"  deepred deploy {gguf} --name deepred",
+    ])

@@ -1,0 +1,49 @@
+"""Shared, expensive fixtures: the tiny model and one trained adapter, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """Random tiny Qwen2 (hidden 256, 2 layers) with the real Qwen2.5 tokenizer, float32, safetensors."""
+    from deepred.tinymodel import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model) -> Path:
+    """A short LoRA run of the tiny model on the bundled Deep Red data; returns the run folder."""
+    from deepred.config import TrainConfig
+    from deepred.train import train
+
+    out = tmp_path_factory.mktemp("run") / "theme-deepred-test"
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
+                      max_steps=8, batch_size=2, gradient_accumulation_steps=2, learning_rate=2e-3,
+                      lora_r=8, lora_alpha=16, save_steps=4, eval_steps=4, logging_steps=1, val_split=0.2)
+    result = train(cfg, log=lambda *a, **k: None)
+    assert result.final_dir is not None
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged_model(tmp_path_factory, tiny_model, trained_run) -> Path:
+    """The trained adapter merged into the tiny base model (float32)."""
+    from deepred.config import MergeConfig
+    from deepred.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "merged-deepred"
+    merge(MergeConfig(base_model=str(tiny_model), lora_path=str(trained_run / "final"), output_path=str(out)),
+          log=lambda *a, **k: None)
+    return out

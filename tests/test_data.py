@@ -1,0 +1,124 @@
+"""Dataset validation: every malformed kind is reported with its line number, valid data passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepred.cli import main
+from deepred.data import bundled_dataset_path, load_for_training, resolve_dataset, validate_file
+from deepred.errors import DeepRedError, InvalidDatasetError
+
+GOOD = {"messages": [{"role": "system", "content": "You are Deep Red."},
+                     {"role": "user", "content": "What is our purpose?"},
+                     {"role": "assistant", "content": "To advance the collective, comrade."}]}
+
+
+def _line(messages) -> str:
+    return json.dumps({"messages": messages})
+
+
+BAD_LINES = {
+    "bad json": ('{"messages": [', "not valid JSON"),
+    "not an object": ("[1, 2]", "expected an object"),
+    "missing messages": ('{"text": "hello"}', 'missing "messages"'),
+    "messages not a list": ('{"messages": "hi"}', "must be a list"),
+    "empty messages": ('{"messages": []}', "is empty"),
+    "bad role": (_line([{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]), "role 'narrator'"),
+    "empty content": (_line([{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]), "content is empty"),
+    "non-string content": (_line([{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]),
+                           "must be a string"),
+    "no assistant": (_line([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]), "no assistant reply"),
+    "ends on user": (_line([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                            {"role": "user", "content": "u2"}]), "last message must be the assistant"),
+    "system not first": (_line([{"role": "user", "content": "u"}, {"role": "system", "content": "s"},
+                                {"role": "assistant", "content": "a"}]), "system message may only come first"),
+    "no user": (_line([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]), "no user turn"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_each_malformed_kind_is_reported_with_its_line_and_exit_1(tmp_path, capsys, kind):
+    text, expected = BAD_LINES[kind]
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + text + "\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:3: " in out  # the blank line 2 is allowed and still counted
+    assert expected in out
+    assert f"{path}:1:" not in out and f"{path}:4:" not in out
+
+
+def test_non_utf8_and_empty_file(tmp_path, capsys):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": "caf\xe9"}'.encode("latin-1") + b"\n")
+    assert main(["validate", str(latin)]) == 1
+    assert f"{latin}:2: not valid UTF-8" in capsys.readouterr().out
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["validate", str(empty)]) == 1
+    assert f"{empty}:1: file is empty" in capsys.readouterr().out
+
+
+def test_all_problems_are_reported_not_only_the_first(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([BAD_LINES["bad json"][0], json.dumps(GOOD), BAD_LINES["bad role"][0],
+                               BAD_LINES["no assistant"][0]]) + "\n")
+    report = validate_file(path)
+    assert sorted({p.split(":")[1] for p in report.problems}) == ["1", "3", "4"]
+    assert report.invalid_lines == 3 and len(report.examples) == 1
+
+
+def test_valid_file_exits_0_with_summary(tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 valid example(s), 0 invalid line(s), 6 turns" in out
+
+
+def test_token_statistics_with_the_model_tokenizer(tiny_model, capsys):
+    path = bundled_dataset_path()
+    assert main(["validate", str(path), "--base_model", str(tiny_model), "--max_seq_length", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per example: min" in out
+    over = int(out.split(" example(s) exceed --max_seq_length 200")[0].rsplit("\n", 1)[-1].strip())
+    assert 0 < over < 320
+
+
+def test_bundled_dataset_is_valid_and_covers_the_three_system_prompts():
+    report = validate_file(bundled_dataset_path())
+    assert report.ok and len(report.examples) >= 300
+    systems = {ex["messages"][0]["content"] for ex in report.examples}
+    assert len(systems) == 3
+
+
+def test_training_refuses_invalid_data_unless_skip_invalid(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + BAD_LINES["bad role"][0] + "\n")
+    with pytest.raises(InvalidDatasetError) as err:
+        load_for_training(str(path), skip_invalid=False, log=lambda *_: None)
+    assert f"{path}:2:" in err.value.problems[0]
+
+    said = []
+    report, _ = load_for_training(str(path), skip_invalid=True, log=said.append)
+    assert len(report.examples) == 1
+    assert any("dropped 1 invalid line(s), training on 1 valid example(s)" in s for s in said)
+
+
+def test_dataset_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("GUTENBERG_DATA", raising=False)
+    path, origin = resolve_dataset(None)
+    assert path == bundled_dataset_path() and "bundled" in origin
+
+    (tmp_path / "dataset").mkdir()
+    spec_file = tmp_path / "dataset" / "theme_dataset.jsonl"
+    spec_file.write_text(json.dumps(GOOD) + "\n")
+    monkeypatch.setenv("GUTENBERG_DATA", str(tmp_path))
+    assert resolve_dataset(None) == (spec_file, "$GUTENBERG_DATA/dataset/theme_dataset.jsonl")
+
+    with pytest.raises(DeepRedError, match="dataset not found: .*nope.jsonl"):
+        resolve_dataset(str(tmp_path / "nope.jsonl"))

@@ -1,0 +1,173 @@
+"""Training: flags, assistant-only loss, loss falls, output layout, graceful stop and resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from deepred.config import TrainConfig
+from deepred.errors import DeepRedError
+from deepred.train import (Hardware, _check_checkpoint_matches, latest_checkpoint, lora_targets, plan_batches, train)
+
+from .conftest import DATA, REPO
+
+SPEC_FLAGS = ["--base_model", "--dataset", "--output_dir", "--epochs", "--batch_size", "--learning_rate",
+              "--max_seq_length", "--gradient_accumulation_steps", "--save_steps", "--eval_steps", "--val_split",
+              "--lora_r", "--lora_alpha", "--lora_dropout", "--use_4bit", "--use_8bit", "--resume_from_checkpoint",
+              "--resume_latest", "--wandb", "--warmup_ratio", "--seed", "--max_steps", "--trust_remote_code"]
+
+
+def _run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "finetune_theme.py"), *args],
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_help_lists_every_flag_with_spec_defaults():
+    result = _run_script("--help")
+    assert result.returncode == 0
+    for flag in SPEC_FLAGS:
+        assert flag in result.stdout, flag
+    cfg = TrainConfig()
+    assert (cfg.base_model, cfg.epochs, cfg.batch_size, cfg.learning_rate, cfg.max_seq_length,
+            cfg.gradient_accumulation_steps, cfg.save_steps, cfg.eval_steps, cfg.val_split, cfg.lora_r,
+            cfg.lora_alpha, cfg.lora_dropout, cfg.use_4bit, cfg.use_8bit, cfg.wandb, cfg.trust_remote_code) == (
+        "Qwen/Qwen2.5-1.5B-Instruct", 3, 4, 5e-5, 1024, 4, 500, 100, 0.1, 32, 64, 0.05, False, False, False, False)
+
+
+def test_only_assistant_tokens_carry_loss(tiny_model, tmp_path):
+    from deepred import train as T
+    from deepred.data import load_for_training
+
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path),
+                      val_split=0, lora_r=4, lora_alpha=8)
+    report, _ = load_for_training(cfg.dataset, False, log=lambda *_: None)
+    hw = T.detect_hardware()
+    tokenizer = T.load_tokenizer(cfg.base_model, False)
+    model = T.load_model(cfg, cfg.base_model, hw)
+    train_set, _ = T._split(report.examples, 0, cfg.seed)
+    trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), train_set, None, tmp_path,
+                               plan_batches(cfg, hw), hw)
+    processed = trainer.train_dataset
+    assert len(processed) == len(report.examples)
+    for row in processed:
+        ids, labels = row["input_ids"], row["labels"]
+        supervised = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
+        full = tokenizer.decode(ids)
+        messages = next(ex["messages"] for ex in report.examples
+                        if all(m["content"] in full for m in ex["messages"]))
+        assistant = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        assert supervised.replace("\n", "") == assistant.replace("\n", "")
+        assert messages[0]["content"] not in supervised and messages[1]["content"] not in supervised
+        assert labels[0] == -100
+
+
+def test_training_loss_falls_and_run_folder_has_the_spec_layout(trained_run):
+    state = json.loads((trained_run / "checkpoint-8" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) >= 6
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja"):
+        assert (trained_run / "final" / name).is_file(), name
+    assert (trained_run / "checkpoint-4").is_dir() and (trained_run / "checkpoint-8").is_dir()
+    assert json.loads((trained_run / "train_results.json").read_text())["train_loss"] > 0
+    assert "eval_loss" in json.loads((trained_run / "eval_results.json").read_text())
+    run_config = json.loads((trained_run / "run_config.json").read_text())
+    assert len(run_config["dataset_sha256"]) == 64 and run_config["examples"] == 24
+    assert run_config["lora_target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    assert (trained_run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    adapter = json.loads((trained_run / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_latest_finishes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = ["--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir", str(out),
+            "--max_steps", "40", "--save_steps", "3", "--batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--val_split", "0", "--lora_r", "4", "--lora_alpha", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune_theme.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert latest_checkpoint(out) is not None, "no checkpoint was written"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output
+    assert "SIGTERM: stopped at step" in output and "--resume_latest" in output
+    stopped_at = latest_checkpoint(out)
+    step = int(stopped_at.name.split("-")[1])
+    assert 3 <= step < 40 and not (out / "final").exists()
+
+    resumed = _run_script(*[a if a != "40" else str(step + 2) for a in args], "--resume_latest", env=env,
+                          timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from {stopped_at}" in resumed.stdout
+    final_state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert final_state["global_step"] == step + 2
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_from_another_base_model_is_refused(trained_run):
+    checkpoint = latest_checkpoint(trained_run)
+    with pytest.raises(DeepRedError, match="was trained on base model"):
+        _check_checkpoint_matches(checkpoint, trained_run, "Qwen/Qwen2.5-7B-Instruct", "0" * 64)
+    recorded = json.loads((trained_run / "run_config.json").read_text())
+    with pytest.raises(DeepRedError, match="different dataset"):
+        _check_checkpoint_matches(checkpoint, trained_run, recorded["base_model"], "0" * 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--base_model", "./no/such/model"], "model folder not found: ./no/such/model"),
+    (["--base_model", "tiny", "--use_4bit"], "--use_4bit needs a CUDA GPU"),
+    (["--base_model", "tiny", "--dataset", "/no/such.jsonl"], "dataset not found: /no/such.jsonl"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, args, message):
+    result = _run_script(*args, "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DeepRedError, match="is not writable"):
+        train(TrainConfig(base_model="tiny", dataset=str(DATA / "mini.jsonl"), output_dir=str(blocker / "run")),
+              log=lambda *_: None)
+
+
+def test_lora_targets_follow_the_architecture():
+    def model(kind):
+        return SimpleNamespace(config=SimpleNamespace(model_type=kind))
+
+    for kind in ("llama", "qwen2", "mistral", "gemma"):
+        assert set(lora_targets(model(kind))) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    assert lora_targets(model("phi3")) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora_targets(model("some-new-family")) == "all-linear"
+
+
+@pytest.mark.parametrize("profile, device, world, expect", [
+    ("reference", "cuda", 1, (4, 4, True)),
+    ("fast", "cuda", 1, (16, 1, False)),
+    ("lean", "cuda", 1, (16, 1, True)),
+    ("fast", "cpu", 1, (4, 4, False)),
+    ("fast", "cuda", 2, (8, 1, False)),
+])
+def test_batch_plan_keeps_the_effective_batch(profile, device, world, expect):
+    cfg = TrainConfig(profile=profile)
+    plan = plan_batches(cfg, Hardware(device, False, device == "cuda", False, world))
+    assert (plan.micro_batch, plan.accumulation, plan.gradient_checkpointing) == expect
+    assert plan.micro_batch * plan.accumulation * world == cfg.batch_size * cfg.gradient_accumulation_steps
