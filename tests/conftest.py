@@ -47,3 +47,22 @@ def merged_model(tmp_path_factory, tiny_model, trained_run) -> Path:
     merge(MergeConfig(base_model=str(tiny_model), lora_path=str(trained_run / "final"), output_path=str(out)),
           log=lambda *a, **k: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory):
+    """gguf_file(model_dir, quant_type): that model as a GGUF, converted once per session (without the check)."""
+    from deepred.config import ConvertConfig
+    from deepred.gguf import convert
+
+    converted: dict[tuple[str, str], Path] = {}
+
+    def make(model_dir: Path, quant_type: str) -> Path:
+        key = (str(model_dir), quant_type)
+        if key not in converted:
+            out = tmp_path_factory.mktemp("gguf") / f"{Path(model_dir).name}-{quant_type}.gguf"
+            converted[key] = convert(ConvertConfig(model_path=str(model_dir), output_path=str(out),
+                                                   quant_type=quant_type, check=False), log=lambda *a, **k: None)
+        return converted[key]
+
+    return make

@@ -62,11 +62,84 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .gguf import convert
+
+    convert(C.resolve(C.ConvertConfig, args))
+    return 0
+
+
+def cmd_check_gguf(args) -> int:
+    from .gguf import check_gguf
+
+    check_gguf(args.gguf, args.model_path)
+    print("ok")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(C.resolve(C.EvalConfig, args))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(C.resolve(C.ServeConfig, args), add_model=args.add_model)
+    return 0
+
+
 def cmd_deploy(args) -> int:
     from .deploy import deploy
 
     deploy(C.resolve(C.DeployConfig, args))
     return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(C.resolve_with_yaml(C.RunConfig, args.config, args), from_stage=args.from_stage)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import demo
+
+    demo(args.output_dir)
+    return 0
+
+
+def _setup_run(p):
+    p.add_argument("config", nargs="?", help="YAML file of settings (flag names as keys); flags given here win")
+    p.add_argument("--from", dest="from_stage", choices=C.STAGES, help="rerun this stage and every later one")
+
+
+def _setup_demo(p):
+    p.add_argument("--output_dir", default="output/demo", help="demo run folder (default: output/demo)")
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    bench(args.shape, tuple(args.profiles.split(",")), examples=args.examples, steps=args.steps,
+          batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps, mean_tokens=args.mean_tokens,
+          max_seq_length=args.max_seq_length, output=args.output)
+    return 0
+
+
+def _setup_bench(p):
+    p.add_argument("--shape", default="tiny", help="tiny, 0.5b, 1.5b, 7b or 14b (Qwen2.5 shapes, random weights)")
+    p.add_argument("--profiles", default="reference,default", help="comma list of reference, default, lean")
+    p.add_argument("--examples", type=int, default=256, help="synthetic ChatML examples (default: 256)")
+    p.add_argument("--mean_tokens", type=int, default=268, help="mean example length in tokens (default: 268)")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per profile (default: 4)")
+    p.add_argument("--batch_size", type=int, default=4, help="as in the spec (default: 4)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="as in the spec (default: 4)")
+    p.add_argument("--max_seq_length", type=int, default=1024, help="(default: 1024)")
+    p.add_argument("--output", help="write the JSON results here")
 
 
 COMMANDS = {}
@@ -93,13 +166,39 @@ def _setup_tiny(p):
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
 
 
+def _setup_convert(p):
+    from .gguf import quant_type_list
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = quant_type_list()
+
+
+def _setup_serve(p):
+    from .serve import add_model_argument
+
+    add_model_argument(p)
+
+
 _command("validate", cmd_validate, "check a ChatML JSONL dataset and summarise it", setup=_setup_validate)
 _command("make-tiny-model", cmd_make_tiny_model, "build a random tiny Qwen2 with the real Qwen2.5 tokenizer, offline",
          setup=_setup_tiny)
 _command("train", cmd_train, "LoRA fine-tune a base model on a ChatML dataset", C.TrainConfig)
+_command("run", cmd_run, "train, merge, convert, check, evaluate and deploy in one go (resumable)", C.RunConfig,
+         setup=_setup_run)
+_command("demo", cmd_demo, "the whole pipeline offline on the tiny model and the bundled data", setup=_setup_demo)
+_command("bench", cmd_bench, "training throughput: the spec's reference settings vs the default, side by side",
+         setup=_setup_bench)
 _command("merge", cmd_merge, "merge a LoRA adapter into its base model (safetensors + tokenizer)", C.MergeConfig)
+_command("convert", cmd_convert, "convert a merged model to one GGUF file for LM Studio / llama.cpp (and check it)",
+         C.ConvertConfig, setup=_setup_convert)
+_command("check-gguf", cmd_check_gguf, "compare a GGUF with its Hugging Face model: tokens, logits, chat metadata",
+         C.CheckConfig)
+_command("serve", cmd_serve, "serve GGUF files on an OpenAI-compatible endpoint (/v1/chat/completions)",
+         C.ServeConfig, setup=_setup_serve)
 _command("deploy", cmd_deploy, "copy a GGUF into LM Studio's models folder (local/NAME/) and load it with lms",
          C.DeployConfig)
+_command("evaluate", cmd_evaluate, "ask the evaluation prompts and score style, voice, temporal compliance, coherence",
+         C.EvalConfig)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

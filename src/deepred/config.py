@@ -98,7 +98,7 @@ class MergeConfig:
 class ConvertConfig:
     model_path: str = opt("", "merged Hugging Face model folder", required=True)
     output_path: str = opt("", "GGUF file to write", required=True)
-    quant_type: str = opt("q4_k_m", "GGUF type", choices=list(QUANT_TYPES))
+    quant_type: str = opt("q4_k_m", "GGUF type; the list below says what each one gives", choices=list(QUANT_TYPES))
     check: bool = opt(True, "run the parity check against the HF model after converting (--no-check skips it)")
 
 
@@ -234,5 +234,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def resolve_with_yaml(cls: type, yaml_path: str | None, args: argparse.Namespace | dict | None):
+    """Settings from a YAML file (keys are flag names), overridden by the flags typed on the command line."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise DeepRedError(f"{yaml_path}: unknown setting(s) {', '.join(unknown)}; the keys are the flag names "
+                           "listed by `deepred run --help`")
+    return resolve(cls, values, args)
+
+
+STAGES = ["train", "merge", "convert", "check", "evaluate", "deploy"]
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """`deepred run`: every training flag plus the later stages'. The run folder is --output_dir."""
+
+    output_dir: str | None = opt("output/deepred-run", "run folder holding every stage's outputs and manifest.json")
+    quant_types: list[str] = opt(["q4_k_m"], "GGUF types to produce; the first is deepred.gguf, others deepred-TYPE.gguf")
+    merge_dtype: str = opt("auto", "dtype of the merged model", choices=["auto", "float16", "bfloat16", "float32"])
+    check: bool = opt(True, "parity-check every GGUF against the merged model")
+    evaluate: bool = opt(True, "evaluate base vs tuned through a local llama.cpp server")
+    eval_prompts: str | None = opt(None, "prompt JSONL for the evaluation (default: the bundled set)")
+    eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
+    deploy: bool = opt(False, "copy the first GGUF into LM Studio and load it")
+    name: str = opt("deepred", "LM Studio model name for --deploy")
+    models_dir: str | None = opt(None, "LM Studio models folder for --deploy")

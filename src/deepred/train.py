@@ -353,7 +353,7 @@ def _callbacks():
 # the training flow
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
+def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     from accelerate import PartialState
 
     state = PartialState()
@@ -384,8 +384,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     if state.is_main_process:
         _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config)
     progress, stopper = _callbacks()
-    trainer.add_callback(progress)
-    trainer.add_callback(stopper)
+    for callback in (progress, stopper, *callbacks):
+        trainer.add_callback(callback)
 
     started = time.time()
     try:

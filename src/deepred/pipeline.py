@@ -1,0 +1,345 @@
+"""Stage 7: one command from dataset to a deployed, evaluated persona (`deepred run`) and the offline demo.
+
+Each stage is a function of its inputs. Before running a stage the pipeline fingerprints those inputs (settings,
+and content hashes of the files it reads); `manifest.json` in the run folder keeps, per stage, the fingerprint, the
+outputs and their content hash. A re-run skips a stage whose fingerprint and outputs are unchanged, reruns one whose
+inputs changed (and says which), and resumes an interrupted training from its newest checkpoint. Downstream stages
+hash their upstream outputs, so a retrained adapter invalidates the merge, the GGUFs and the evaluation by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig)
+from .errors import DeepRedError
+
+MANIFEST = "manifest.json"
+# Training settings that change what is learned; output and resume locations do not.
+TRAIN_KEYS_IGNORED = {"output_dir", "resume_from_checkpoint", "resume_latest", "wandb", "logging_steps", "save_steps",
+                      "eval_steps", "profile", "micro_batch_size"}
+
+
+class StageFailed(DeepRedError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# content hashes and the manifest
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's relative names and file contents (hidden files ignored)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(name: str) -> str:
+    """A hub name identifies itself; a local folder is identified by its content."""
+    from .tinymodel import resolve_base_model
+
+    path = Path(resolve_base_model(name)).expanduser()
+    return f"sha256:{hash_path(path)}" if path.is_dir() else name
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Manifest:
+    path: Path
+    stages: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        path = run_dir / MANIFEST
+        if path.is_file():
+            try:
+                return cls(path, json.loads(path.read_text()).get("stages", {}))
+            except ValueError as exc:
+                raise DeepRedError(f"{path} is corrupt ({exc}); delete it to rerun every stage") from exc
+        return cls(path)
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
+        tmp.replace(self.path)
+
+    def record(self, stage: str, **values) -> None:
+        self.stages.setdefault(stage, {}).update(values, updated=datetime.now().isoformat(timespec="seconds"))
+        self.save()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    manifest: Manifest
+    log: Callable = print
+    outputs: dict = field(default_factory=dict)  # stage -> {name: path}, filled as stages finish or are skipped
+    current_fingerprint: str = ""  # of the stage being decided or run
+
+    def path(self, stage: str, name: str) -> Path:
+        return Path(self.outputs[stage][name])
+
+    @property
+    def base_model(self) -> str:
+        return self.cfg.base_model
+
+    def gguf_name(self, quant: str) -> str:
+        return "deepred.gguf" if quant == self.cfg.quant_types[0] else f"deepred-{quant}.gguf"
+
+
+def _train_inputs(run: Run) -> dict:
+    from .data import file_sha256, resolve_dataset
+
+    dataset, _ = resolve_dataset(run.cfg.dataset)
+    settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)
+                if f.name not in TRAIN_KEYS_IGNORED | {"dataset", "base_model"}}
+    return {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model), **settings}
+
+
+def _train(run: Run, previous: dict) -> dict:
+    from .train import train
+
+    resume = previous.get("status") in ("running", "interrupted", "failed") and previous.get("fingerprint") == \
+        run.current_fingerprint and Path(previous.get("outputs", {}).get("train_dir", "")).is_dir()
+    train_dir = Path(previous["outputs"]["train_dir"]) if resume else \
+        run.run_dir / f"theme-deepred-{datetime.now():%Y%m%d_%H%M%S}"
+    run.manifest.record("train", status="running", fingerprint=run.current_fingerprint,
+                        outputs={"train_dir": str(train_dir)})
+    settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    settings.update(output_dir=str(train_dir), resume_latest=resume)
+    result = train(TrainConfig(**settings), log=run.log)
+    if result.interrupted:
+        run.manifest.record("train", status="interrupted")
+        raise StageFailed(f"training was interrupted; run the same `deepred run` command again to resume from "
+                          f"the newest checkpoint in {train_dir}")
+    return {"train_dir": str(train_dir), "adapter": str(result.final_dir)}
+
+
+def _merge_inputs(run: Run) -> dict:
+    return {"adapter": run.manifest.stages["train"]["output_hash"], "base_model": model_identity(run.base_model),
+            "dtype": run.cfg.merge_dtype}
+
+
+def _merge(run: Run, previous: dict) -> dict:
+    from .merge import merge
+
+    out = run.run_dir / "merged-deepred"
+    merge(MergeConfig(base_model=run.base_model, lora_path=str(run.path("train", "adapter")), output_path=str(out),
+                      dtype=run.cfg.merge_dtype, trust_remote_code=run.cfg.trust_remote_code), log=run.log)
+    return {"merged": str(out)}
+
+
+def _convert_inputs(run: Run) -> dict:
+    return {"merged": run.manifest.stages["merge"]["output_hash"], "quant_types": run.cfg.quant_types}
+
+
+def _convert(run: Run, previous: dict) -> dict:
+    from .gguf import convert
+
+    outputs = {}
+    for quant in run.cfg.quant_types:
+        target = run.run_dir / run.gguf_name(quant)
+        convert(ConvertConfig(model_path=str(run.path("merge", "merged")), output_path=str(target), quant_type=quant,
+                              check=False), log=run.log)
+        outputs[quant] = str(target)
+    return outputs
+
+
+def _check_inputs(run: Run) -> dict:
+    return {"ggufs": run.manifest.stages["convert"]["output_hash"], "check": run.cfg.check}
+
+
+def _check(run: Run, previous: dict) -> dict:
+    from .gguf import check_gguf
+
+    results = {}
+    if run.cfg.check:
+        for quant, gguf in run.outputs["convert"].items():
+            results[quant] = check_gguf(Path(gguf), run.path("merge", "merged"), log=run.log)
+    target = run.run_dir / "parity.json"
+    target.write_text(json.dumps(results, indent=2, default=str))
+    return {"parity": str(target)}
+
+
+def _evaluate_inputs(run: Run) -> dict:
+    from .data import file_sha256
+
+    prompts = file_sha256(run.cfg.eval_prompts) if run.cfg.eval_prompts else "bundled"
+    return {"ggufs": run.manifest.stages["convert"]["output_hash"], "base_model": model_identity(run.base_model),
+            "prompts": prompts, "max_tokens": run.cfg.eval_max_tokens, "evaluate": run.cfg.evaluate}
+
+
+def _evaluate(run: Run, previous: dict) -> dict:
+    """Serve base and tuned GGUFs side by side on loopback and score both on the same prompts."""
+    from .evaluate import evaluate
+    from .gguf import convert
+    from .serve import start_server
+    from .tinymodel import resolve_base_model
+
+    out = run.run_dir / "eval"
+    if not run.cfg.evaluate:
+        out.mkdir(exist_ok=True)
+        return {"eval_dir": str(out)}
+    quant = run.cfg.quant_types[0]
+    base_gguf = run.run_dir / f"base-{quant}.gguf"
+    if not base_gguf.is_file():
+        convert(ConvertConfig(model_path=resolve_base_model(run.base_model), output_path=str(base_gguf),
+                              quant_type=quant, check=False), log=run.log)
+    tuned_gguf = Path(run.outputs["convert"][quant])
+    with start_server({"base": base_gguf, "deepred": tuned_gguf}) as server:
+        run.log(f"serving base and tuned models at {server.url}")
+        report = evaluate(EvalConfig(endpoint=server.url, model="deepred", compare=True, base_model_name="base",
+                                     prompts=run.cfg.eval_prompts, output_dir=str(out),
+                                     max_tokens=run.cfg.eval_max_tokens), log=run.log)
+    _add_loss_curve(run, report, out)
+    return {"eval_dir": str(out), "report": str(out / "report.html")}
+
+
+def _add_loss_curve(run: Run, report: dict, out: Path) -> None:
+    """Rewrite the report with the training loss curve on top (the demo's one-page summary)."""
+    from .evaluate import write_report
+
+    curve = run.path("train", "train_dir") / "loss_curve.png"
+    if curve.is_file():
+        write_report(report, out, extra_html_sections=[("Training loss", curve)])
+
+
+def _deploy_inputs(run: Run) -> dict:
+    return {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
+            "models_dir": run.cfg.models_dir}
+
+
+def _deploy(run: Run, previous: dict) -> dict:
+    from .deploy import deploy
+
+    if not run.cfg.deploy:
+        return {}
+    first = run.outputs["convert"][run.cfg.quant_types[0]]
+    deployed = deploy(DeployConfig(gguf=first, name=run.cfg.name, models_dir=run.cfg.models_dir), log=run.log)
+    return {"deployed": str(deployed)}
+
+
+STAGE_FUNCTIONS = {
+    "train": (_train_inputs, _train),
+    "merge": (_merge_inputs, _merge),
+    "convert": (_convert_inputs, _convert),
+    "check": (_check_inputs, _check),
+    "evaluate": (_evaluate_inputs, _evaluate),
+    "deploy": (_deploy_inputs, _deploy),
+}
+assert list(STAGE_FUNCTIONS) == STAGES
+
+
+def _why_rerun(previous: dict, inputs: dict, forced: bool) -> str | None:
+    """None when the stage can be skipped, else the reason it runs."""
+    if forced:
+        return "--from asked for it"
+    if not previous:
+        return "first run"
+    if previous.get("status") != "done":
+        return f"previous attempt {previous.get('status', 'did not finish')}"
+    changed = sorted(k for k in set(inputs) | set(previous.get("inputs", {}))
+                     if inputs.get(k) != previous.get("inputs", {}).get(k))
+    if changed:
+        return "inputs changed: " + ", ".join(changed)
+    missing = [p for p in previous.get("outputs", {}).values() if not Path(p).exists()]
+    if missing:
+        return "outputs missing: " + ", ".join(missing)
+    if _outputs_hash(previous.get("outputs", {})) != previous.get("output_hash"):
+        return "outputs were modified since they were made"
+    return None
+
+
+def _outputs_hash(outputs: dict) -> str:
+    """Content hash of a stage's products. `*_dir` entries are locations (checkpoints, logs), not products."""
+    return fingerprint({name: hash_path(Path(p)) for name, p in sorted(outputs.items()) if not name.endswith("_dir")})
+
+
+def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Run:
+    if from_stage and from_stage not in STAGES:
+        raise DeepRedError(f"--from {from_stage}: unknown stage; choose one of {', '.join(STAGES)}")
+    run_dir = Path(cfg.output_dir or RunConfig.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, run_dir, Manifest.load(run_dir), log)
+    forced_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+    for index, stage in enumerate(STAGES):
+        inputs_of, execute = STAGE_FUNCTIONS[stage]
+        previous = run.manifest.stages.get(stage, {})
+        try:
+            inputs = inputs_of(run)
+            run.current_fingerprint = fingerprint(inputs)
+            reason = _why_rerun(previous, inputs, forced=index >= forced_from)
+            if reason is None:
+                log(f"[{stage}] skipped: inputs unchanged, outputs present")
+                run.outputs[stage] = previous["outputs"]
+                continue
+            log(f"[{stage}] running ({reason})")
+            outputs = execute(run, previous)
+        except StageFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure names its stage
+            run.manifest.record(stage, status="failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            raise StageFailed(f"stage '{stage}' failed: {exc}. Everything before it is kept in {run_dir}; fix the "
+                              f"problem and run the same command again to resume (or add --from {stage})") from exc
+        run.outputs[stage] = outputs
+        run.manifest.record(stage, status="done", fingerprint=run.current_fingerprint, inputs=inputs,
+                            outputs=outputs, output_hash=_outputs_hash(outputs), error=None)
+    _print_summary(run)
+    return run
+
+
+def _print_summary(run: Run) -> None:
+    log = run.log
+    log(f"\nrun folder: {run.run_dir}  (stages and hashes in {run.manifest.path})")
+    for stage in STAGES:
+        for name, path in run.outputs.get(stage, {}).items():
+            log(f"  {stage:9s} {name:10s} {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo
+
+# Sized so the tiny model picks up the persona's vocabulary on 2 CPU cores in a few minutes.
+DEMO_SETTINGS = dict(base_model="tiny", max_steps=60, batch_size=4, gradient_accumulation_steps=1,
+                     learning_rate=2e-3, lora_r=16, lora_alpha=32, max_seq_length=384, warmup_ratio=0.05,
+                     val_split=0.05, eval_steps=30, save_steps=20, logging_steps=5, quant_types=["q4_k_m", "f16"],
+                     eval_max_tokens=60)
+
+
+def demo(output_dir: str = "output/demo", log=print, **overrides) -> Run:
+    cfg = RunConfig(**{**DEMO_SETTINGS, "output_dir": output_dir, **overrides})
+    log("deepred demo: tiny Qwen2 with the real Qwen2.5 tokenizer, bundled Deep Red data, CPU, no network")
+    run = run_pipeline(cfg, log=log)
+    report = run.outputs.get("evaluate", {}).get("report")
+    log("\n".join([
+        "",
+        f"report: {report}" if report else "",
+        "Same thing with a real model on a GPU (specification settings):",
+        "  deepred run --base_model Qwen/Qwen2.5-1.5B-Instruct --epochs 3 --learning_rate 5e-5 "
+        "--output_dir output/deepred-1.5b --quant_types q4_k_m,q8_0 --deploy",
+        "  or step by step: python scripts/finetune_theme.py --base_model Qwen/Qwen2.5-1.5B-Instruct ... "
+        "(see README)",
+    ]))
+    return run

@@ -1,0 +1,121 @@
+"""`deepred run`: manifest skip/rerun logic, --from, resume after a kill, failures that name their stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deepred.cli import main
+from deepred.config import RunConfig
+from deepred.errors import DeepRedError
+from deepred.pipeline import run_pipeline
+from deepred.train import latest_checkpoint
+
+from .conftest import DATA
+
+QUICK = dict(max_steps=2, batch_size=1, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
+             save_steps=100, quant_types=["f16"], check=False, evaluate=False)
+
+
+def _run(tiny_model, run_dir, dataset, from_stage=None, **extra):
+    said = []
+    cfg = RunConfig(base_model=str(tiny_model), dataset=str(dataset), output_dir=str(run_dir), **{**QUICK, **extra})
+    run_pipeline(cfg, from_stage=from_stage, log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    return "\n".join(said)
+
+
+def _decisions(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^\[(\w+)\] (skipped|running)", text, flags=re.M))
+
+
+def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
+    dataset = tmp_path / "data.jsonl"
+    shutil.copy(DATA / "mini.jsonl", dataset)
+    run_dir = tmp_path / "run"
+
+    first = _run(tiny_model, run_dir, dataset)
+    assert set(_decisions(first).values()) == {"running"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert all(manifest[s]["status"] == "done" and len(manifest[s]["output_hash"]) == 64 for s in manifest)
+    assert (run_dir / "deepred.gguf").is_file() and (run_dir / "merged-deepred" / "model.safetensors").is_file()
+
+    again = _run(tiny_model, run_dir, dataset)
+    assert set(_decisions(again).values()) == {"skipped"}, again
+
+    lines = dataset.read_text().splitlines()
+    dataset.write_text("\n".join(lines[:-1]) + "\n")  # one example fewer
+    changed = _run(tiny_model, run_dir, dataset)
+    assert "[train] running (inputs changed: dataset_sha256)" in changed
+    assert "[merge] running (inputs changed: adapter)" in changed
+    assert "[convert] running (inputs changed: merged)" in changed
+    trainings = sorted(run_dir.glob("theme-deepred-*"))
+    assert len(trainings) == 2  # the earlier training is kept, a new one was made
+
+    restarted = _run(tiny_model, run_dir, dataset, from_stage="convert")
+    assert _decisions(restarted) == {"train": "skipped", "merge": "skipped", "convert": "running",
+                                     "check": "running", "evaluate": "running", "deploy": "running"}
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(DeepRedError, match=r"stage 'deploy' failed: .*run the same command again"):
+        _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(blocker))
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert manifest["deploy"]["status"] == "failed" and manifest["convert"]["status"] == "done"
+
+    models = tmp_path / "models"
+    fixed = _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(models))
+    assert _decisions(fixed)["convert"] == "skipped" and _decisions(fixed)["deploy"] == "running"
+    assert (models / "local" / "deepred" / "deepred.gguf").is_file()
+
+
+def test_killed_training_resumes_on_rerun(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepred.cli", "run", "--base_model", str(tiny_model), "--dataset",
+           str(DATA / "mini.jsonl"), "--output_dir", str(run_dir), "--max_steps", "8", "--save_steps", "2",
+           "--batch_size", "1", "--gradient_accumulation_steps", "1", "--val_split", "0", "--lora_r", "4",
+           "--lora_alpha", "8", "--quant_types", "f16", "--no-check", "--no-evaluate"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    checkpoint = None
+    while checkpoint is None and time.time() < deadline and proc.poll() is None:
+        runs = list(run_dir.glob("theme-deepred-*"))
+        checkpoint = latest_checkpoint(runs[0]) if runs else None
+        time.sleep(0.3)
+    assert checkpoint is not None, "training never wrote a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "deepred.gguf").exists()
+
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "[train] running (previous attempt running)" in result.stdout
+    assert "resuming from" in result.stdout
+    assert len(list(run_dir.glob("theme-deepred-*"))) == 1
+    assert (run_dir / "deepred.gguf").is_file()
+
+
+def test_yaml_config_and_command_line_override(tmp_path):
+    from deepred.cli import build_parser
+    from deepred.config import resolve_with_yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text("base_model: tiny\nepochs: 2\nlearning_rate: 1.0e-4\nquant_types: [q4_k_m, q8_0]\n")
+    args = build_parser().parse_args(["run", str(config), "--epochs", "1", "--from", "merge"])
+    cfg = resolve_with_yaml(RunConfig, args.config, args)
+    assert (cfg.base_model, cfg.epochs, cfg.learning_rate, cfg.quant_types) == ("tiny", 1, 1e-4, ["q4_k_m", "q8_0"])
+    assert cfg.batch_size == 4 and args.from_stage == "merge"
+
+    config.write_text("base_model: tiny\nepoch: 2\n")
+    with pytest.raises(DeepRedError, match="unknown setting.*epoch"):
+        resolve_with_yaml(RunConfig, str(config), None)
+    assert main(["run", str(config)]) == 2
