@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory, tiny_model) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "theme-deepred-test"
     cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
-                      max_steps=8, batch_size=2, gradient_accumulation_steps=2, learning_rate=2e-3,
+                      max_steps=8, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0,
                       lora_r=8, lora_alpha=16, save_steps=4, eval_steps=4, logging_steps=1, val_split=0.2)
     result = train(cfg, log=lambda *a, **k: None)
     assert result.final_dir is not None

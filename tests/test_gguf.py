@@ -136,7 +136,7 @@ def test_killed_conversion_leaves_no_file(merged_model, tmp_path):
 
 
 def test_failed_check_publishes_nothing(merged_model, tmp_path, monkeypatch):
-    def fake_converter(source, out, outtype, config, log=print):
+    def fake_converter(source, out, outtype, config):
         out.write_bytes(b"GGUF fake")
 
     def failing_check(path, model, log=print, label=None):

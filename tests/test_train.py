@@ -73,7 +73,7 @@ def test_training_loss_falls_and_run_folder_has_the_spec_layout(trained_run):
     state = json.loads((trained_run / "checkpoint-8" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) >= 6
-    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5, losses
 
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja"):
         assert (trained_run / "final" / name).is_file(), name

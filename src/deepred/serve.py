@@ -85,7 +85,11 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
         for alias, path in models.items()])
     # Kept on for the server's whole life: it reloads a model whenever a request switches to another alias.
     with weight_repacking_disabled():
-        app = create_app(server_settings=ServerSettings.model_validate(settings), model_settings=settings.models)
+        try:
+            app = create_app(server_settings=ServerSettings.model_validate(settings), model_settings=settings.models)
+        except ValueError as exc:  # llama.cpp could not load the first model
+            raise DeepRedError(f"llama.cpp cannot load {next(iter(models.values()))} ({exc}); the file is damaged or "
+                               "not a GGUF model: convert it again with `deepred convert`") from exc
         proxy = _llama_proxy()
         if proxy is not None and proxy._current_model is not None:
             assert_no_repacking(proxy._current_model)

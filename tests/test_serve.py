@@ -1,0 +1,155 @@
+"""`deepred serve` and `start_server`: a real llama.cpp server on a free loopback port, queried with the official
+`openai` client and with plain HTTP, serving the tiny trained model as q4_k_m (the crash-prone type on AMX CPUs)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deepred import serve as S
+from deepred.config import ServeConfig
+from deepred.errors import DeepRedError
+
+pytestmark = pytest.mark.slow
+
+# Ban <|im_end|> and <|endoftext|> so the tiny model cannot answer with nothing.
+NO_EOS = {"151645": -100, "151643": -100}
+MESSAGES = [{"role": "system", "content": "You are Deep Red."},
+            {"role": "user", "content": "What is the purpose of our mission to Mars?"}]
+
+
+def deepred_command() -> list[str]:
+    """The `deepred` console script next to this Python, as a user would type it."""
+    script = shutil.which("deepred", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "deepred.cli"]
+
+
+def wait_for_models(base_url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    pytest.fail(f"server did not answer: {log.read_text()[-3000:]}")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of listening TCP sockets on `port`, from /proc/net/tcp (hex, little-endian IPv4)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, port_hex = local.split(":")
+            if int(port_hex, 16) == port and state == "0A":  # 0A = LISTEN
+                found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]) if len(address) == 8 else address)
+    return found
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_cli_serve_binds_loopback_and_speaks_openai(gguf_file, merged_model, tmp_path):
+    from openai import OpenAI
+
+    gguf = gguf_file(merged_model, "q4_k_m")
+    port = S.free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(deepred_command() + ["serve", str(gguf), "--port", str(port), "--n_ctx", "512"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_for_models(base_url, proc, log)
+        if Path("/proc/net/tcp").exists():
+            assert listening_addresses(port) == {"127.0.0.1"}
+
+        client = OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=120)
+        alias = gguf.stem
+        assert alias in [model.id for model in client.models.list()]
+        reply = client.chat.completions.create(model=alias, messages=MESSAGES, max_tokens=16, temperature=0,
+                                               logit_bias=NO_EOS)
+        assert reply.choices[0].message.content
+        assert reply.usage.completion_tokens > 0
+
+        listed = httpx.get(f"{base_url}/models", timeout=30).json()
+        assert alias in [model["id"] for model in listed["data"]]
+        response = httpx.post(f"{base_url}/chat/completions", timeout=120,
+                              json={"model": alias, "messages": MESSAGES, "max_tokens": 16, "temperature": 0,
+                                    "logit_bias": NO_EOS})
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode is not None
+    assert port_closed(port)
+    assert "Traceback" not in log.read_text()
+
+
+def test_start_server_serves_base_and_tuned_together(gguf_file, merged_model, tiny_model):
+    from openai import OpenAI
+
+    models = {"deepred": gguf_file(merged_model, "q4_k_m"), "base": gguf_file(tiny_model, "q4_k_m")}
+    with S.start_server(models, n_ctx=512) as server:
+        assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/v1")
+        client = OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=120)
+        assert {model.id for model in client.models.list()} == {"deepred", "base"}
+        answers = {}
+        for alias in ("deepred", "base", "deepred"):
+            reply = client.chat.completions.create(model=alias, messages=MESSAGES, max_tokens=8, temperature=0,
+                                                   logit_bias=NO_EOS)
+            assert reply.model == alias
+            answers.setdefault(alias, reply.choices[0].message.content)
+            assert reply.choices[0].message.content == answers[alias]  # greedy: same model, same answer
+        assert answers["deepred"] != answers["base"]
+        process = server.process
+    assert process.poll() is not None
+    assert not server.running()
+
+
+def test_start_server_reports_a_dying_server(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(DeepRedError, match="exited with code"):
+        S.start_server({"broken": broken}, timeout=120)
+
+
+def test_non_loopback_host_warns(gguf_file, merged_model, monkeypatch, capsys):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    S.serve(ServeConfig(gguf=str(gguf_file(merged_model, "q4_k_m")), host="0.0.0.0", port=5555, n_ctx=256))
+    assert calls == [{"host": "0.0.0.0", "port": 5555, "log_level": "info"}]
+    assert "exposes the model" in capsys.readouterr().err
+
+
+def test_model_specs():
+    assert S.parse_model_spec("base=out/base.gguf") == ("base", Path("out/base.gguf"))
+    with pytest.raises(DeepRedError, match="ALIAS=PATH"):
+        S.parse_model_spec("out/base.gguf")
+    with pytest.raises(DeepRedError, match="not found"):
+        S.served_models(ServeConfig(gguf="missing.gguf"))
+    assert S.is_loopback("127.0.0.1") and S.is_loopback("::1") and S.is_loopback("localhost")
+    assert not S.is_loopback("0.0.0.0")
