@@ -143,7 +143,7 @@ class ServerHandle:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 20.0, keep_log: bool = False) -> int:
         """Graceful stop (SIGTERM), then SIGKILL after `timeout` s; returns the exit code. Safe to call twice."""
         if self.process.poll() is None:
             self.process.terminate()
@@ -152,6 +152,8 @@ class ServerHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if not keep_log:
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
     def __enter__(self) -> "ServerHandle":
@@ -209,6 +211,6 @@ def start_server(models: dict[str, Path], host: str = "127.0.0.1", port: int | N
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    handle.stop()
+    handle.stop(keep_log=True)
     raise DeepRedError(f"deepred serve did not answer on {handle.url} within {timeout:.0f} s; "
                        f"its log ({handle.log_path}): {handle.log_tail()}")
