@@ -303,3 +303,14 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
         port = s.getsockname()[1]
     assert main(["evaluate", "--endpoint", f"http://127.0.0.1:{port}/v1", "--output_dir", str(tmp_path / "o")]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_degenerate_word_loops_are_neither_in_style_nor_coherent():
+    """A barely trained model repeats persona words; that is not the persona speaking."""
+    from deepred.evaluate import score_response
+
+    for loop in [", comrade.., and the.., comrade.., comrade., comrade.",
+                 "comrade comrade the board comrade comrade the board comrade comrade our comrade",
+                 ", comrade. the., and., comrade., comrade.., comrade., comrade., chess., comrade."]:
+        scored = score_response(loop, "What is the purpose of our mission to Mars?", "mission")
+        assert not scored["in_style"] and not scored["coherent"], loop

@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import config as C
-from .errors import DeepRedError, InvalidDatasetError
+from .errors import DeepRedError
 
 
 def _quiet_libraries() -> None:
@@ -230,9 +230,6 @@ def main(argv: list[str] | None = None, only: str | None = None) -> int:
     args = build_parser(only).parse_args(argv)
     try:
         return args.func(args)
-    except InvalidDatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except DeepRedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -78,6 +78,13 @@ MARGIN_SPAN = 0.1              # embedding margin -0.1 -> semantic 0, +0.1 -> se
 MAX_REPEATED_NGRAM_RATIO = 0.3
 MAX_NON_WORD_RATIO = 0.2
 MIN_FUNCTION_WORD_RATIO = 0.10
+# Degenerate loops that 3-gram repetition misses (", comrade.., and the.., comrade., comrade."): one word dominating,
+# too few distinct words, punctuation instead of prose. English prose: "the" is ~6 % of words, punctuation ~3 %
+# of characters, and a 50-word answer has ~60-80 % distinct words.
+MIN_WORDS_FOR_STYLE = 8
+MAX_TOP_WORD_SHARE = 0.25
+MIN_DISTINCT_WORD_RATIO = 0.4
+MAX_PUNCTUATION_RATIO = 0.15
 PPL_LIMIT = 150.0
 RETRY_BASE_DELAY = 1.0         # seconds; doubled after each failed attempt
 RETRY_MAX_DELAY = 30.0
@@ -560,15 +567,32 @@ def coherence_stats(response: str) -> dict:
     trigrams = list(zip(word_list, word_list[1:], word_list[2:]))
     repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
     function = sum(w in FUNCTION_WORDS for w in word_list) / len(word_list) if word_list else 0.0
+    lowered = [w.lower() for w in word_list]
+    top_share = max(lowered.count(w) for w in set(lowered)) / len(lowered) if lowered else 1.0
+    visible = [c for c in (response or "") if not c.isspace()]
+    punctuation = sum(not c.isalnum() for c in visible) / len(visible) if visible else 1.0
     return {"n_words": len(word_list), "repeated_ngram_ratio": round(repeated, 4),
             "non_word_ratio": round(len(non_words) / len(counted), 4) if counted else 1.0,
-            "function_word_ratio": round(function, 4)}
+            "function_word_ratio": round(function, 4),
+            "distinct_word_ratio": round(len(set(lowered)) / len(lowered), 4) if lowered else 0.0,
+            "top_word_share": round(top_share, 4), "punctuation_ratio": round(punctuation, 4)}
+
+
+def _degenerate(stats: dict) -> list[str]:
+    reasons = []
+    if stats["n_words"] >= 8 and stats["top_word_share"] > MAX_TOP_WORD_SHARE:
+        reasons.append(f"one word is {stats['top_word_share']:.0%} of the answer")
+    if stats["n_words"] >= 8 and stats["distinct_word_ratio"] < MIN_DISTINCT_WORD_RATIO:
+        reasons.append(f"only {stats['distinct_word_ratio']:.0%} distinct words")
+    if stats["punctuation_ratio"] > MAX_PUNCTUATION_RATIO:
+        reasons.append(f"punctuation is {stats['punctuation_ratio']:.0%} of the characters")
+    return reasons
 
 
 def _readable(stats: dict) -> bool:
-    """Style is only judged on text a person could read: mostly words, not a loop."""
-    return (stats["n_words"] > 0 and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
-            and stats["repeated_ngram_ratio"] <= MAX_REPEATED_NGRAM_RATIO)
+    """Style is only judged on text a person could read: enough words, mostly words, not a loop."""
+    return (stats["n_words"] >= MIN_WORDS_FOR_STYLE and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
+            and stats["repeated_ngram_ratio"] <= MAX_REPEATED_NGRAM_RATIO and not _degenerate(stats))
 
 
 def incoherence_reasons(stats: dict, perplexity: float | None, use_perplexity: bool) -> list[str]:
@@ -583,6 +607,7 @@ def incoherence_reasons(stats: dict, perplexity: float | None, use_perplexity: b
         reasons.append(f"non-word tokens ({stats['non_word_ratio']:.0%})")
     if stats["n_words"] >= 12 and stats["function_word_ratio"] < MIN_FUNCTION_WORD_RATIO:
         reasons.append(f"no sentence structure ({stats['function_word_ratio']:.0%} function words)")
+    reasons.extend(_degenerate(stats))
     if use_perplexity and perplexity is not None and perplexity > PPL_LIMIT:
         reasons.append(f"perplexity {perplexity:.0f} > {PPL_LIMIT:.0f}")
     return reasons

@@ -322,9 +322,9 @@ def _print_summary(run: Run) -> None:
 # the demo
 
 # Sized so the tiny model picks up the persona's vocabulary on 2 CPU cores in a few minutes.
-DEMO_SETTINGS = dict(base_model="tiny", max_steps=60, batch_size=4, gradient_accumulation_steps=1,
-                     learning_rate=2e-3, lora_r=16, lora_alpha=32, max_seq_length=384, warmup_ratio=0.05,
-                     val_split=0.05, eval_steps=30, save_steps=20, logging_steps=5, quant_types=["q4_k_m", "f16"],
+DEMO_SETTINGS = dict(base_model="tiny", max_steps=100, batch_size=2, gradient_accumulation_steps=1,
+                     learning_rate=1e-2, lora_r=16, lora_alpha=32, max_seq_length=384, warmup_ratio=0.05,
+                     val_split=0.05, eval_steps=50, save_steps=25, logging_steps=5, quant_types=["q4_k_m", "f16"],
                      eval_max_tokens=60)
 
 
