@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .config import DeployConfig
+from .data import file_sha256
 from .errors import DeepRedError
 
 GGUF_MAGIC = b"GGUF"
@@ -181,14 +182,6 @@ def _one_line(text: str, limit: int = 500) -> str:
 # ------------------------------------------------------------------------------------------------ copying
 
 
-def sha256_file(path: Path, chunk_size: int | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size or CHUNK_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _copy_chunk(src: BinaryIO, dst: BinaryIO, size: int) -> bytes:
     """Copy one chunk; returns it (empty at the end of the source)."""
     block = src.read(size)
@@ -230,7 +223,7 @@ def atomic_copy(src: Path, dest: Path, expected_sha: str) -> None:
             raise DeepRedError(f"copy of {src} is {size} bytes, expected {expected_size}; nothing was deployed")
         if copied.hexdigest() != expected_sha:
             raise DeepRedError(f"{src} changed while it was being copied; nothing was deployed, run deploy again")
-        if sha256_file(tmp) != expected_sha:
+        if file_sha256(tmp) != expected_sha:
             raise DeepRedError(f"the copy of {src} does not match it (sha256 differs); nothing was deployed "
                                f"(check the disk holding {dest.parent})")
         try:
@@ -263,7 +256,7 @@ def _existing_models(folder: Path, size: int, sha: str) -> _Existing:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.suffix.lower() != ".gguf" or not path.is_file():
             continue
-        other = sha256_file(path) if path.stat().st_size == size else None
+        other = file_sha256(path) if path.stat().st_size == size else None
         if other == sha:
             found.identical.append(path)
         else:
@@ -309,7 +302,7 @@ def deploy(cfg: DeployConfig, log: Log = print) -> Path:
     try:
         size = src.stat().st_size
         log(f"checking {src} ({_human(size)})")
-        sha = sha256_file(src)
+        sha = file_sha256(src)
         existing = _existing_models(folder, size, sha)
     except OSError as exc:
         raise _os_error(exc, folder) from exc
