@@ -153,3 +153,28 @@ def test_model_specs():
         S.served_models(ServeConfig(gguf="missing.gguf"))
     assert S.is_loopback("127.0.0.1") and S.is_loopback("::1") and S.is_loopback("localhost")
     assert not S.is_loopback("0.0.0.0")
+
+
+def test_evaluate_through_the_server(gguf_file, merged_model, tmp_path):
+    """`deepred evaluate --endpoint` against the served q4_k_m model: every prompt answered and scored."""
+    import json
+
+    from deepred.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"id": "mission-01", "category": "mission", "prompt": "What is the purpose of our mission to Mars?"},
+        {"id": "chess-01", "category": "chess", "prompt": "How is life like a chess game?"},
+        {"id": "temporal-01", "category": "temporal", "kind": "post_1969", "prompt": "What happened in 1970?"},
+    ]) + "\n")
+    with S.start_server({"deepred": gguf_file(merged_model, "q4_k_m")}) as server:
+        code = main(["evaluate", "--endpoint", server.url, "--prompts", str(prompts), "--max_tokens", "24",
+                     "--output_dir", str(tmp_path / "eval")])
+    assert code == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert {"style_consistency", "character_voice", "temporal_compliance", "coherence"} <= set(report)
+    answers = report["responses"]
+    assert [a["id"] for a in answers] == ["mission-01", "chess-01", "temporal-01"]
+    assert all(not a.get("error") for a in answers)
+    assert answers[2]["temporal_violation"] is not None and answers[0]["temporal_violation"] is None
+    assert (tmp_path / "eval" / "report.html").is_file()

@@ -41,7 +41,7 @@ class BenchResult:
     steps: int
     tokens: int
     seconds: float
-    final_loss: float | None
+    mean_train_loss: float | None
 
 
 def make_shape_model(shape: str, out_dir: Path) -> Path:
@@ -182,9 +182,9 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "defaul
 
 def format_table(report: dict) -> str:
     memory_label = "peak GPU GiB" if report["device"] != "CPU" else "peak RSS GiB"
-    lines = [f"| profile | tokens/s | {memory_label} | final loss |", "| --- | --- | --- | --- |"]
+    lines = [f"| profile | tokens/s | {memory_label} | mean train loss |", "| --- | --- | --- | --- |"]
     for r in report["results"]:
-        loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
+        loss = f"{r['mean_train_loss']:.3f}" if r["mean_train_loss"] is not None else "-"
         lines.append(f"| {r['profile']} | {r['tokens_per_second']:,.0f} | {r['peak_memory_gib']} | {loss} |")
     if "ratio" in report:
         lines.append(f"ratio (default / reference): {report['ratio']:.1f}x")
