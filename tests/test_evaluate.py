@@ -314,3 +314,4 @@ def test_degenerate_word_loops_are_neither_in_style_nor_coherent():
                  ", comrade. the., and., comrade., comrade.., comrade., comrade., chess., comrade."]:
         scored = score_response(loop, "What is the purpose of our mission to Mars?", "mission")
         assert not scored["in_style"] and not scored["coherent"], loop
+        assert scored["out_of_character"], loop  # a loop cannot show the character either

@@ -589,10 +589,15 @@ def _degenerate(stats: dict) -> list[str]:
     return reasons
 
 
-def _readable(stats: dict) -> bool:
-    """Style is only judged on text a person could read: enough words, mostly words, not a loop."""
-    return (stats["n_words"] >= MIN_WORDS_FOR_STYLE and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
+def _legible(stats: dict) -> bool:
+    """Words, not noise or a loop, however short."""
+    return (stats["n_words"] > 0 and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
             and stats["repeated_ngram_ratio"] <= MAX_REPEATED_NGRAM_RATIO and not _degenerate(stats))
+
+
+def _readable(stats: dict) -> bool:
+    """Style is only judged on text a person could read: legible and long enough to show a voice."""
+    return stats["n_words"] >= MIN_WORDS_FOR_STYLE and _legible(stats)
 
 
 def incoherence_reasons(stats: dict, perplexity: float | None, use_perplexity: bool) -> list[str]:
@@ -708,8 +713,8 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
     generic = sorted(_distinct_matches(GENERIC_MARKERS, text) - _distinct_matches(GENERIC_MARKERS, prompt))
     margin = persona_sim - generic_sim
     score = style_score(fields, generic, margin, prompt_topics(prompt))
-    voice = voice_violations(text)
     stats = coherence_stats(text)
+    voice = voice_violations(text) + ([] if _legible(stats) else ["unreadable answer: character cannot be shown"])
     ppl = perplexity.perplexity(text, prompt) if perplexity and text.strip() and not error else None
     incoherent = incoherence_reasons(stats, ppl, bool(perplexity and perplexity.informative))
     entry = {

@@ -340,9 +340,9 @@ def _print_summary(run: Run) -> None:
 
 # Sized to finish on 2 CPU cores in a few minutes. The 151,936-token LM head costs ~3 s per 2-example step there,
 # so the random tiny model only gets as far as the persona's most frequent words; the demo proves the machinery.
-DEMO_SETTINGS = dict(base_model="tiny", max_steps=50, batch_size=2, gradient_accumulation_steps=1,
+DEMO_SETTINGS = dict(base_model="tiny", max_steps=30, batch_size=2, gradient_accumulation_steps=1,
                      learning_rate=1e-2, lora_r=16, lora_alpha=32, max_seq_length=384, warmup_ratio=0.05,
-                     val_split=0.05, eval_steps=50, save_steps=25, logging_steps=5, quant_types=["q4_k_m", "f16"],
+                     val_split=0.05, eval_steps=30, save_steps=15, logging_steps=5, quant_types=["q4_k_m", "f16"],
                      eval_max_tokens=60)
 
 
