@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace as dataclasses_replace
 from types import SimpleNamespace
 
 import pytest
@@ -171,3 +172,27 @@ def test_batch_plan_keeps_the_effective_batch(profile, device, world, expect):
     plan = plan_batches(cfg, Hardware(device, False, device == "cuda", False, world))
     assert (plan.micro_batch, plan.accumulation, plan.gradient_checkpointing) == expect
     assert plan.micro_batch * plan.accumulation * world == cfg.batch_size * cfg.gradient_accumulation_steps
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model, tmp_path):
+    """A CPU cannot run out of GPU memory, so the first forward pass with micro-batch > 1 raises CUDA's error."""
+    import torch
+    from transformers import TrainerCallback
+
+    class TooBigForTheGPU(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    said = []
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path / "run"),
+                      max_steps=2, batch_size=2, gradient_accumulation_steps=2, val_split=0, lora_r=4, lora_alpha=8)
+    result = train(cfg, log=said.append, callbacks=(TooBigForTheGPU(),))
+    assert result.final_dir is not None
+    assert any("out of memory with micro-batch 2; retrying with micro-batch 1 x accumulation 4" in s for s in said)
+    plan = json.loads((tmp_path / "run" / "run_config.json").read_text())["batch_plan"]
+    assert (plan["micro_batch"], plan["accumulation"]) == (1, 4)
+
+    with pytest.raises(DeepRedError, match="out of memory .* try --max_seq_length 768 or 512"):
+        train(dataclasses_replace(cfg, output_dir=str(tmp_path / "ref"), profile="reference"), log=lambda *_: None,
+              callbacks=(TooBigForTheGPU(),))

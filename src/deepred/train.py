@@ -376,23 +376,31 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     log(f"device: {hw.device}{' (ROCm, eager attention)' if hw.rocm else ''}, "
         f"precision {'bf16' if hw.bf16 else 'fp16' if hw.fp16 else 'fp32'}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
 
-    model = load_model(cfg, base_model, hw)
-    peft_config = lora_config(cfg, model)
     train_set, eval_set = _split(report.examples, cfg.val_split, cfg.seed)
-    trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
-
-    if state.is_main_process:
-        _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config)
-    progress, stopper = _callbacks()
-    for callback in (progress, stopper, *callbacks):
-        trainer.add_callback(callback)
-
     started = time.time()
-    try:
-        outcome = trainer.train(resume_from_checkpoint=resume)
-    except Exception as exc:  # noqa: BLE001 - translated when it is an out-of-memory error
-        _raise_if_oom(exc, cfg)
-        raise
+    while True:
+        model = load_model(cfg, base_model, hw)
+        peft_config = lora_config(cfg, model)
+        trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
+        if state.is_main_process:
+            _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config)
+        progress, stopper = _callbacks()
+        for callback in (progress, stopper, *callbacks):
+            trainer.add_callback(callback)
+        try:
+            outcome = trainer.train(resume_from_checkpoint=resume)
+            break
+        except Exception as exc:  # noqa: BLE001 - out of memory is retried smaller or translated
+            smaller = _smaller_plan(plan, cfg, exc)
+            if smaller is None:
+                _raise_if_oom(exc, cfg)
+                raise
+            log(f"\nout of memory with micro-batch {plan.micro_batch}; retrying with {smaller.describe(hw.world_size)}")
+            plan = smaller
+            del trainer, model
+            _free_accelerator_memory()
+            checkpoint = latest_checkpoint(output_dir)
+            resume = str(checkpoint) if checkpoint else resume
     if stopper.requested:
         checkpoint = latest_checkpoint(output_dir)
         log(f"\n{stopper.requested}: stopped at step {trainer.state.global_step}; checkpoint {checkpoint}. "
@@ -510,8 +518,34 @@ def _report_to(cfg: TrainConfig) -> str:
     return "wandb"
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _smaller_plan(plan: BatchPlan, cfg: TrainConfig, exc: BaseException) -> BatchPlan | None:
+    """OOM back-off: halve the micro-batch, raise accumulation to keep the effective batch. Only for a micro-batch
+    the product chose (not --micro_batch_size, not the reference profile, which must run as written)."""
+    if not _is_oom(exc) or cfg.micro_batch_size or cfg.profile == "reference" or plan.micro_batch == 1:
+        return None
+    per_process = plan.micro_batch * plan.accumulation
+    micro = plan.micro_batch // 2
+    while per_process % micro:
+        micro -= 1
+    return dataclasses.replace(plan, micro_batch=micro, accumulation=per_process // micro)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _raise_if_oom(exc: BaseException, cfg: TrainConfig) -> None:
-    if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+    if _is_oom(exc):
         raise DeepRedError(
             f"out of memory at --max_seq_length {cfg.max_seq_length}, --batch_size {cfg.batch_size}: try "
             "--max_seq_length 768 or 512, --profile lean, a smaller --micro_batch_size, or --use_4bit") from exc
