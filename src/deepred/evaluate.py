@@ -1453,15 +1453,7 @@ def _category_table_md(sides: dict[str, dict]) -> list[str]:
 def _findings_md(label: str, side: dict) -> list[str]:
     lines = ["", f"## Flagged answers ({label})", ""]
     for e in side["responses"]:
-        problems = []
-        if e.get("error"):
-            problems.append(f"request failed: {e['error']}")
-        if e["out_of_character"] and not e.get("error"):
-            problems.append("out of character: " + "; ".join(e["voice_violations"]))
-        if e.get("temporal_violation") and not e.get("error"):
-            problems.append(e.get("temporal_reason") or "temporal violation")
-        if not e["coherent"] and not e.get("error"):
-            problems.append("incoherent: " + "; ".join(e["incoherence"]))
+        problems = _flags(e, with_style=False)
         if problems:
             lines.append(f"- `{e['id']}`: " + " | ".join(problems))
     if len(lines) == 3:
@@ -1520,11 +1512,12 @@ SHORT_DEFINITIONS = {
 }
 
 
-def _cell_flags(entry: dict) -> list[str]:
+def _flags(entry: dict, with_style: bool = True) -> list[str]:
+    """What is wrong with one answer, in words (a failed request is named once, not as every failure it causes)."""
     flags = []
     if entry.get("error"):
-        flags.append(f"FAILED: {entry['error']}")
-    if not entry["in_style"]:
+        flags.append(f"request failed: {entry['error']}")
+    if with_style and not entry["in_style"]:
         flags.append(f"not in style ({entry['style_score']:.2f})")
     if entry["out_of_character"] and not entry.get("error"):
         flags.append("out of character: " + "; ".join(entry["voice_violations"]))
@@ -1544,7 +1537,7 @@ def _answer_rows(sides: dict[str, dict]) -> list[dict]:
     for id_ in order:
         entries = [by_side[label].get(id_) for label in sides]
         first = next(e for e in entries if e)
-        cells = [{"response": e["response"], "flags": _cell_flags(e)} if e else None for e in entries]
+        cells = [{"response": e["response"], "flags": _flags(e)} if e else None for e in entries]
         rows.append({"id": id_, "category": first.get("category"), "prompt": first.get("prompt"), "cells": cells})
     return rows
 
