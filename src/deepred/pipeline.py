@@ -203,10 +203,9 @@ def _evaluate(run: Run, previous: dict) -> dict:
         out.mkdir(exist_ok=True)
         return {"eval_dir": str(out)}
     quant = run.cfg.quant_types[0]
-    base_gguf = run.run_dir / f"base-{quant}.gguf"
-    if not base_gguf.is_file():
-        convert(ConvertConfig(model_path=resolve_base_model(run.base_model), output_path=str(base_gguf),
-                              quant_type=quant, check=False), log=run.log)
+    base_gguf = run.run_dir / f"base-{quant}.gguf"  # remade each time: the base model may be what changed
+    convert(ConvertConfig(model_path=resolve_base_model(run.base_model), output_path=str(base_gguf),
+                          quant_type=quant, check=False), log=run.log)
     tuned_gguf = Path(run.outputs["convert"][quant])
     with start_server({"base": base_gguf, "deepred": tuned_gguf}) as server:
         run.log(f"serving base and tuned models at {server.url}")
