@@ -196,15 +196,13 @@ def _evaluate(run: Run, previous: dict) -> dict:
     from .evaluate import evaluate
     from .gguf import convert
     from .serve import start_server
-    from .tinymodel import resolve_base_model
-
     out = run.run_dir / "eval"
     if not run.cfg.evaluate:
         out.mkdir(exist_ok=True)
         return {"eval_dir": str(out)}
     quant = run.cfg.quant_types[0]
     base_gguf = run.run_dir / f"base-{quant}.gguf"  # remade each time: the base model may be what changed
-    convert(ConvertConfig(model_path=resolve_base_model(run.base_model), output_path=str(base_gguf),
+    convert(ConvertConfig(model_path=_local_model_dir(run.base_model), output_path=str(base_gguf),
                           quant_type=quant, check=False), log=run.log)
     tuned_gguf = Path(run.outputs["convert"][quant])
     with start_server({"base": base_gguf, "deepred": tuned_gguf}) as server:
@@ -214,6 +212,18 @@ def _evaluate(run: Run, previous: dict) -> dict:
                                      max_tokens=run.cfg.eval_max_tokens), log=run.log)
     _add_loss_curve(run, report, out)
     return {"eval_dir": str(out), "report": str(out / "report.html")}
+
+
+def _local_model_dir(name: str) -> str:
+    """llama.cpp's converter needs a folder: a hub name resolves to its local snapshot (cached by training)."""
+    from .tinymodel import resolve_base_model
+
+    path = Path(resolve_base_model(name)).expanduser()
+    if path.is_dir():
+        return str(path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"])
 
 
 def _add_loss_curve(run: Run, report: dict, out: Path) -> None:
