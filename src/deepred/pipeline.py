@@ -10,6 +10,7 @@ hash their upstream outputs, so a retrained adapter invalidates the merge, the G
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ def hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)  # several stages ask; hashing a multi-GB folder once per run is enough
 def model_identity(name: str) -> str:
     """A hub name identifies itself; a local folder is identified by its content."""
     from .tinymodel import resolve_base_model
@@ -118,13 +120,21 @@ def _train_inputs(run: Run) -> dict:
     return {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model), **settings}
 
 
+def _unfinished_training(previous: dict, fingerprint: str) -> Path | None:
+    """The folder of an earlier training on the same inputs that did not finish: resume it rather than restart."""
+    folder = previous.get("outputs", {}).get("train_dir")
+    same_inputs = previous.get("fingerprint") == fingerprint
+    if previous.get("status") in ("running", "interrupted", "failed") and same_inputs and folder and Path(folder).is_dir():
+        return Path(folder)
+    return None
+
+
 def _train(run: Run, previous: dict) -> dict:
     from .train import train
 
-    resume = previous.get("status") in ("running", "interrupted", "failed") and previous.get("fingerprint") == \
-        run.current_fingerprint and Path(previous.get("outputs", {}).get("train_dir", "")).is_dir()
-    train_dir = Path(previous["outputs"]["train_dir"]) if resume else \
-        run.run_dir / f"theme-deepred-{datetime.now():%Y%m%d_%H%M%S}"
+    unfinished = _unfinished_training(previous, run.current_fingerprint)
+    resume = unfinished is not None
+    train_dir = unfinished or run.run_dir / f"theme-deepred-{datetime.now():%Y%m%d_%H%M%S}"
     run.manifest.record("train", status="running", fingerprint=run.current_fingerprint,
                         outputs={"train_dir": str(train_dir)})
     settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)}
