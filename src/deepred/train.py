@@ -356,7 +356,9 @@ def _callbacks():
 def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     from accelerate import PartialState
 
-    state = PartialState()
+    hw = detect_hardware()
+    # cpu=True lets accelerate see a torchrun launch on CPUs (gloo); without it every rank believes it is rank 0
+    state = PartialState(cpu=hw.device == "cpu")
     if not state.is_main_process:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
@@ -367,7 +369,6 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         _ensure_writable(output_dir)
     resume = _resume_point(cfg, output_dir, base_model, data_hash, log)
 
-    hw = detect_hardware()
     tokenizer = load_tokenizer(base_model, cfg.trust_remote_code)
     lengths = token_lengths(report.examples, tokenizer)
     log(summarize(report, lengths, cfg.max_seq_length))
