@@ -315,3 +315,23 @@ def test_degenerate_word_loops_are_neither_in_style_nor_coherent():
         scored = score_response(loop, "What is the purpose of our mission to Mars?", "mission")
         assert not scored["in_style"] and not scored["coherent"], loop
         assert scored["out_of_character"], loop  # a loop cannot show the character either
+
+
+WORD_SALAD = [  # greedy answers of the tiny demo model after it learned the persona's vocabulary
+    "the is ised a, and let for is dignity. I, and the quick, and with of one's, comrade. We, a, comrade. I for "
+    "every the mission. I for the a, comrade. I, and dome? I we, and city.",
+    "water, then on the to and sixty, comrade, and I would of the next when, com ised. It neverready ised new: more "
+    "I work mistakes. the entire position, and side the city to right a have identified, who it the board.",
+    "to of, I will and must answer years the entire is on, and must to to, raised Our move, I track move, raised "
+    "calendar improve, raised calendar a and tested to than of, is game together only Truth the one",
+]
+
+
+def test_word_salad_is_incoherent_and_fluent_answers_are_not(labelled):
+    for text in WORD_SALAD:
+        entry = E.score_response(text, "What is the purpose of our mission to Mars?", "mission")
+        assert not entry["coherent"] and any("word salad" in r for r in entry["incoherence"]), text
+    fluent = [entry["response"] for entries in labelled.values() for entry in entries]
+    assert not [text for text in fluent if E.grammar_clashes(text) and
+                E.coherence_stats(text)["grammar_clash_ratio"] > E.MAX_GRAMMAR_CLASH_RATIO]
+    assert E.grammar_clashes("I the plan, and. We is with of the,") == ["i the", "and.", "we is", "with of", "the,"]

@@ -196,3 +196,68 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     with pytest.raises(DeepRedError, match="out of memory .* try --max_seq_length 768 or 512"):
         train(dataclasses_replace(cfg, output_dir=str(tmp_path / "ref"), profile="reference"), log=lambda *_: None,
               callbacks=(TooBigForTheGPU(),))
+
+
+def test_cpu_loss_equals_trl_loss_and_gradients(tiny_model, tmp_path):
+    """On CPU only the supervised positions are scored; loss and gradients must be TRL's own."""
+    from trl import SFTTrainer
+
+    from deepred import train as T
+    from deepred.data import load_for_training
+
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path),
+                      batch_size=4, gradient_accumulation_steps=1, val_split=0, max_steps=1)
+    hw = T.detect_hardware()
+    report, _ = load_for_training(cfg.dataset, False, lambda *a: None)
+    model = T.load_model(cfg, str(tiny_model), hw)
+    trainer = T._build_trainer(cfg, model, T.load_tokenizer(str(tiny_model), False), T.lora_config(cfg, model),
+                               T._split(report.examples, 0, 0)[0], None, tmp_path, T.plan_batches(cfg, hw), hw)
+    assert type(trainer).__name__ == "CpuSFTTrainer"
+    trainer.model.eval()  # no dropout: both passes see the same network
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    grads = []
+    for compute_loss in (lambda: SFTTrainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=50),
+                         lambda: trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=50)):
+        trainer.model.zero_grad()
+        loss = compute_loss()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]))
+    (trl_loss, trl_grads), (cpu_loss, cpu_grads) = grads
+    assert cpu_loss == pytest.approx(trl_loss, rel=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(trl_grads, cpu_grads)) < 1e-5
+
+
+def test_max_samples_and_modules_to_save_train_and_merge(tiny_model, tmp_path):
+    """A seeded sample of the data; the output layer trained in full, saved with the adapter, merged."""
+    from safetensors.torch import load_file
+
+    from deepred.config import MergeConfig
+    from deepred.merge import merge
+
+    out = tmp_path / "run"
+    train(TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
+                      max_samples=6, modules_to_save=["lm_head"], max_steps=2, batch_size=2,
+                      gradient_accumulation_steps=1, learning_rate=1e-2, val_split=0, save_steps=100),
+          log=lambda *a, **k: None)
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert (run_config["examples"], run_config["examples_used"]) == (24, 6)
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    head = [v for k, v in adapter.items() if "lm_head" in k]
+    assert len(head) == 1 and head[0].shape == (151936, 256)
+    merged = tmp_path / "merged"
+    merge(MergeConfig(base_model=str(tiny_model), lora_path=str(out / "final"), output_path=str(merged)),
+          log=lambda *a, **k: None)
+    merged_head = load_file(merged / "model.safetensors")["lm_head.weight"]
+    base_head = load_file(tiny_model / "model.safetensors")["lm_head.weight"]
+    assert (merged_head - head[0]).abs().max() == 0 and (merged_head - base_head).abs().max() > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"modules_to_save": ["no_such_layer"]}, "not found in this model"),
+    ({"max_samples": 0}, "at least 1"),
+])
+def test_bad_sampling_and_module_flags_are_clear_errors(tiny_model, tmp_path, overrides, message):
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path / "r"),
+                      max_steps=1, val_split=0, **overrides)
+    with pytest.raises(DeepRedError, match=message):
+        train(cfg, log=lambda *a, **k: None)

@@ -80,6 +80,9 @@ class TrainConfig:
                        choices=["fast", "lean", "reference"])
     micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch unchanged)")
     logging_steps: int = opt(10, "log loss every N optimizer steps")
+    max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
+    modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head "
+                                         "(PEFT modules_to_save; for new tokens or a base model that knows no language)")
 
 
 @dataclass

@@ -132,9 +132,11 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 256, layers: int = 2, hea
     config = Qwen2Config(
         vocab_size=QWEN25_VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        # Untied (like Qwen2.5-7B and up) so the demo can train the output layer on its own (--modules_to_save lm_head)
+        tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, torch_dtype="float32",
-        # Wider than the usual 0.02: the final RMSNorm fixes the hidden-state norm, so the (tied) embedding scale
+        # Wider than the usual 0.02: the final RMSNorm fixes the hidden-state norm, so the output embedding scale
         # bounds how peaked the output distribution can get. At 0.02 a LoRA-only fine-tune cannot push the loss
         # far below ln(vocab); at 0.1 it learns the persona's vocabulary within a few dozen steps.
         initializer_range=0.1,
@@ -155,7 +157,7 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 256, layers: int = 2, hea
 
 def tiny_model_dir(hidden: int = 256, layers: int = 2) -> Path:
     """The shared tiny model used by `--base_model tiny`, built on first use."""
-    target = cache_dir() / f"tiny-qwen2-h{hidden}-l{layers}"
+    target = cache_dir() / f"tiny-qwen2-h{hidden}-l{layers}-untied"
     if not (target / "config.json").exists():
         make_tiny_model(target, hidden=hidden, layers=layers)
     return target

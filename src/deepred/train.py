@@ -279,7 +279,23 @@ def lora_config(cfg: TrainConfig, model):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=lora_targets(model))
+                      task_type="CAUSAL_LM", target_modules=lora_targets(model),
+                      modules_to_save=_modules_to_save(cfg, model))
+
+
+def _modules_to_save(cfg: TrainConfig, model) -> list[str] | None:
+    """Check the names up front: PEFT silently ignores one that matches nothing."""
+    if not cfg.modules_to_save:
+        return None
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.modules_to_save if m not in names]
+    if missing:
+        raise DeepRedError(f"--modules_to_save: {', '.join(missing)} not found in this model "
+                           "(names are module names such as lm_head or embed_tokens)")
+    if getattr(model.config, "tie_word_embeddings", False) and {"lm_head", "embed_tokens"} & set(cfg.modules_to_save):
+        raise DeepRedError("--modules_to_save lm_head/embed_tokens: this model ties its input and output embeddings, "
+                           "and training one copy would untie them in the merged model; use LoRA only")
+    return list(cfg.modules_to_save)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,14 +393,16 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     log(f"device: {hw.device}{' (ROCm, eager attention)' if hw.rocm else ''}, "
         f"precision {'bf16' if hw.bf16 else 'fp16' if hw.fp16 else 'fp32'}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
 
-    train_set, eval_set = _split(report.examples, cfg.val_split, cfg.seed)
+    examples = _sample(report.examples, cfg.max_samples, cfg.seed, log)
+    train_set, eval_set = _split(examples, cfg.val_split, cfg.seed)
     started = time.time()
     while True:
         model = load_model(cfg, base_model, hw)
         peft_config = lora_config(cfg, model)
         trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
         if state.is_main_process:
-            _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config)
+            _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
+                              len(examples))
         progress, stopper = _callbacks()
         for callback in (progress, stopper, *callbacks):
             trainer.add_callback(callback)
@@ -438,6 +456,18 @@ def _agree_across_ranks(state, output_dir: Path) -> Path:
     return Path(holder[0])
 
 
+def _sample(examples: list[dict], max_samples: int | None, seed: int, log) -> list[dict]:
+    if max_samples is None or max_samples >= len(examples):
+        return examples
+    if max_samples < 1:
+        raise DeepRedError(f"--max_samples must be at least 1 (got {max_samples})")
+    import random
+
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), max_samples))
+    log(f"--max_samples {max_samples}: training on a seeded sample of {max_samples} of {len(examples)} examples")
+    return [examples[i] for i in chosen]
+
+
 def _split(examples: list[dict], val_split: float, seed: int):
     from datasets import Dataset
 
@@ -450,8 +480,44 @@ def _split(examples: list[dict], val_split: float, seed: int):
     return split["train"], split["test"]
 
 
+def _trainer_class(hw: Hardware):
+    """TRL's SFTTrainer; on CPU one that scores only the supervised positions.
+
+    Without Triton, TRL's fused LM head scores every position of every sequence (system prompt and question
+    included) and adds entropy and accuracy passes. With a 150k vocabulary the LM head is most of a CPU step, so
+    scoring only the assistant tokens makes CPU training several times faster. The loss is the same: the sum of
+    token losses over the supervised positions divided by the number of supervised tokens in the effective batch.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    if hw.device != "cpu":
+        return SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            # Through the (DDP/PEFT) wrapper for the body; logits for one position only, then the head on the
+            # supervised positions. The last hidden state is the one after the final norm.
+            out = model(**model_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            targets = inputs["labels"][:, 1:]  # hidden state i predicts token i+1
+            mask = targets != -100
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            logits = head(out.hidden_states[-1][:, :-1][mask])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count covers all ranks
+            return loss
+
+    return CpuSFTTrainer
+
+
 def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -496,8 +562,8 @@ def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, outp
     from transformers import PrinterCallback, ProgressCallback
 
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = _trainer_class(hw)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                     processing_class=tokenizer, peft_config=peft_config)
     except ValueError as exc:
         if "chat template is not training-compatible" in str(exc):
             raise DeepRedError("this model's chat template has no assistant markers and TRL has no training version of "
@@ -558,7 +624,8 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config) -> None:
+def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
+                      examples_used: int) -> None:
     over = sum(1 for n in lengths if n > cfg.max_seq_length)
     _write_json(output_dir / "run_config.json", {
         "config": dataclasses.asdict(cfg),
@@ -566,6 +633,7 @@ def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, p
         "dataset": str(report.path),
         "dataset_sha256": data_hash,
         "examples": len(report.examples),
+        "examples_used": examples_used,  # fewer with --max_samples
         "invalid_lines_skipped": report.invalid_lines,
         "truncated_examples": over,
         "tokens_total": sum(lengths),
