@@ -391,7 +391,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     plan = plan_batches(cfg, hw)
     log(f"device: {hw.device}{' (ROCm, eager attention)' if hw.rocm else ''}, "
-        f"precision {'bf16' if hw.bf16 else 'fp16' if hw.fp16 else 'fp32'}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
+        f"precision {'bf16' if hw.bf16 else 'fp16' if hw.fp16 else 'fp32'}, profile {cfg.profile}: {plan.describe(hw.world_size)}"
+        + ("; output layer on the supervised positions only" if hw.device == "cpu" else ""))
 
     examples = _sample(report.examples, cfg.max_samples, cfg.seed, log)
     train_set, eval_set = _split(examples, cfg.val_split, cfg.seed)
