@@ -119,3 +119,24 @@ def test_yaml_config_and_command_line_override(tmp_path):
     with pytest.raises(DeepRedError, match="unknown setting.*epoch"):
         resolve_with_yaml(RunConfig, str(config), None)
     assert main(["run", str(config)]) == 2
+
+
+def test_demo_learns_the_persona_vocabulary_and_says_what_it_learned(tmp_path):
+    """The README's demo: the spec's artifacts, tuned style clearly above base, and an honest coherence verdict."""
+    from deepred.pipeline import demo
+
+    said = []
+    out = tmp_path / "demo"
+    demo(str(out), log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert len(list(out.glob("theme-deepred-*/final/adapter_model.safetensors"))) == 1
+    for artifact in ("merged-deepred/model.safetensors", "deepred.gguf", "deepred-f16.gguf", "parity.json",
+                     "eval/report.html", "eval/report.json", "manifest.json"):
+        assert (out / artifact).is_file(), artifact
+    report = json.loads((out / "eval" / "report.json").read_text())
+    base, tuned = (report[side]["style_consistency"]["value"] for side in ("base", "tuned"))
+    assert tuned >= base + 0.5, (base, tuned)
+    coherence = report["tuned"]["coherence"]["value"]
+    text = "\n".join(said)
+    assert f"tuned {tuned:.0%}; tuned coherence {coherence:.0%}" in text
+    if coherence < 0.5:
+        assert "word salad" in text
