@@ -193,6 +193,18 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     plan = json.loads((tmp_path / "run" / "run_config.json").read_text())["batch_plan"]
     assert (plan["micro_batch"], plan["accumulation"]) == (1, 4)
 
+    class OnlyFitsWithCheckpointing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not args.gradient_checkpointing:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+
+    said.clear()
+    result = train(dataclasses_replace(cfg, output_dir=str(tmp_path / "ckpt")), log=said.append,
+                   callbacks=(OnlyFitsWithCheckpointing(),))
+    assert result.final_dir is not None
+    assert any("out of memory with micro-batch 1; retrying with micro-batch 1 x accumulation 4" in s
+               and "gradient checkpointing on" in s for s in said)
+
     with pytest.raises(DeepRedError, match="out of memory .* try --max_seq_length 768 or 512"):
         train(dataclasses_replace(cfg, output_dir=str(tmp_path / "ref"), profile="reference"), log=lambda *_: None,
               callbacks=(TooBigForTheGPU(),))

@@ -591,10 +591,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _smaller_plan(plan: BatchPlan, cfg: TrainConfig, exc: BaseException) -> BatchPlan | None:
-    """OOM back-off: halve the micro-batch, raise accumulation to keep the effective batch. Only for a micro-batch
+    """OOM back-off: halve the micro-batch, raising accumulation to keep the effective batch; at micro-batch 1 turn
+    on gradient checkpointing (it costs about a third of the speed, so only when memory needs it). Only for a plan
     the product chose (not --micro_batch_size, not the reference profile, which must run as written)."""
-    if not _is_oom(exc) or cfg.micro_batch_size or cfg.profile == "reference" or plan.micro_batch == 1:
+    if not _is_oom(exc) or cfg.micro_batch_size or cfg.profile == "reference":
         return None
+    if plan.micro_batch == 1:
+        return None if plan.gradient_checkpointing else dataclasses.replace(plan, gradient_checkpointing=True)
     per_process = plan.micro_batch * plan.accumulation
     micro = plan.micro_batch // 2
     while per_process % micro:
