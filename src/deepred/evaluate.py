@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable
 
 from .config import EvalConfig
 from .errors import DeepRedError
+from .files import write_atomic
 
 DEFAULT_SYSTEM_PROMPT = "You are Deep Red."
 METRICS = ("style_consistency", "character_voice", "temporal_compliance", "coherence")
@@ -1398,12 +1399,6 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def render_charts(report: dict) -> dict[str, bytes]:
     """PNG bytes: metrics.png (each metric against its target) and style_by_category.png."""
     import matplotlib
@@ -1629,11 +1624,11 @@ def write_report(report: dict, output_dir: str | Path, extra_html_sections: list
     charts = render_charts(report)
     paths = {name: output_dir / name for name in charts}
     for name, data in charts.items():
-        _atomic_write(paths[name], data)
+        write_atomic(paths[name], data)
     files = {"json": ("report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str)),
              "md": ("report.md", render_markdown(report)),
              "html": ("report.html", render_html(report, charts, extra_html_sections))}
     for key, (name, text) in files.items():
         paths[key] = output_dir / name
-        _atomic_write(paths[key], text.encode("utf-8"))
+        write_atomic(paths[key], text.encode("utf-8"))
     return paths

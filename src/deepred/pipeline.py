@@ -21,6 +21,7 @@ from typing import Callable
 
 from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig)
 from .errors import DeepRedError
+from .files import write_json
 
 MANIFEST = "manifest.json"
 # Training settings that change what is learned; output and resume locations do not.
@@ -78,9 +79,7 @@ class Manifest:
         return cls(path)
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
-        tmp.replace(self.path)
+        write_json(self.path, {"stages": self.stages})
 
     def record(self, stage: str, **values) -> None:
         self.stages.setdefault(stage, {}).update(values, updated=datetime.now().isoformat(timespec="seconds"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .data import load_for_training, summarize, token_lengths
 from .errors import DeepRedError
+from .files import write_json
 from .tinymodel import resolve_base_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -438,8 +439,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if state.is_main_process:
         trainer.model.save_pretrained(final_dir, safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
-        _write_json(output_dir / "train_results.json", metrics)
-        _write_json(output_dir / "eval_results.json", eval_metrics)
+        write_json(output_dir / "train_results.json", metrics)
+        write_json(output_dir / "eval_results.json", eval_metrics)
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         log(next_commands(cfg.base_model, final_dir))
     state.wait_for_everyone()
@@ -622,16 +623,10 @@ def _raise_if_oom(exc: BaseException, cfg: TrainConfig) -> None:
             "--max_seq_length 768 or 512, --profile lean, a smaller --micro_batch_size, or --use_4bit") from exc
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
                       examples_used: int) -> None:
     over = sum(1 for n in lengths if n > cfg.max_seq_length)
-    _write_json(output_dir / "run_config.json", {
+    write_json(output_dir / "run_config.json", {
         "config": dataclasses.asdict(cfg),
         "base_model": base_model,
         "dataset": str(report.path),
