@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import DeepRedError
+from .files import write_json
 
 # Qwen2.5 shapes: hidden, layers, heads, kv heads, intermediate, tied embeddings.
 SHAPES = {
@@ -176,7 +177,7 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "defaul
         report["ratio"] = round(by_name["default"].tokens_per_second / by_name["reference"].tokens_per_second, 2)
     log(format_table(report))
     if output:
-        Path(output).write_text(json.dumps(report, indent=2))
+        write_json(Path(output), report)
     return report
 
 

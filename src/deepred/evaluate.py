@@ -336,6 +336,9 @@ _CONJUNCTIONS = frozenset("and or nor".split())
 _CLAUSE_FINAL_NEVER = frozenset("to than into upon".split())  # "to." / "than," end no clause
 _FINITE_VERBS = frozenset("is are was were must would shall could".split())
 _SUBJECTS = frozenset("i we they he she".split())
+_NEVER_AFTER_DETERMINER = _DETERMINERS | _PREPOSITIONS | _CONJUNCTIONS | _FINITE_VERBS
+_NEVER_AFTER_PREPOSITION = _PREPOSITIONS | _CONJUNCTIONS | _FINITE_VERBS
+_NEVER_AFTER_SUBJECT = _DETERMINERS | _SUBJECTS | {"."}
 _DISAGREEMENTS = frozenset({("i", "is"), ("i", "are"), ("we", "is"), ("we", "was"), ("they", "is"), ("they", "was"),
                             ("he", "are"), ("he", "were"), ("she", "are"), ("she", "were")})
 
@@ -588,13 +591,12 @@ def grammar_clashes(text: str) -> list[str]:
     clashes += PUNCTUATION_AFTER_SENTENCE_END.findall(text or "")
     for first, second in zip(tokens, tokens[1:]):
         punct = not second[0].isalpha()
-        if ((first in _DETERMINERS and (punct or second in _DETERMINERS | _PREPOSITIONS | _CONJUNCTIONS | _FINITE_VERBS))
-                or (first in _PREPOSITIONS and second in _PREPOSITIONS | _CONJUNCTIONS | _FINITE_VERBS)
+        if ((first in _DETERMINERS and (punct or second in _NEVER_AFTER_DETERMINER))
+                or (first in _PREPOSITIONS and second in _NEVER_AFTER_PREPOSITION)
                 or (first in _CLAUSE_FINAL_NEVER and second in ".,;:")
                 or (first in _CONJUNCTIONS and (second in _CONJUNCTIONS or second in ".!?;:"))
                 or (first in _FINITE_VERBS and second in _FINITE_VERBS)
-                or (first in _SUBJECTS and (second in _DETERMINERS | _SUBJECTS or second == "."
-                                            or (first, second) in _DISAGREEMENTS))):
+                or (first in _SUBJECTS and (second in _NEVER_AFTER_SUBJECT or (first, second) in _DISAGREEMENTS))):
             clashes.append(f"{first} {second}" if not punct else f"{first}{second}")
     return clashes
 
@@ -1630,5 +1632,5 @@ def write_report(report: dict, output_dir: str | Path, extra_html_sections: list
              "html": ("report.html", render_html(report, charts, extra_html_sections))}
     for key, (name, text) in files.items():
         paths[key] = output_dir / name
-        write_atomic(paths[key], text.encode("utf-8"))
+        write_atomic(paths[key], text)
     return paths

@@ -188,7 +188,7 @@ def _check(run: Run, previous: dict) -> dict:
         for quant, gguf in run.outputs["convert"].items():
             results[quant] = check_gguf(Path(gguf), run.path("merge", "merged"), log=run.log)
     target = run.run_dir / "parity.json"
-    target.write_text(json.dumps(results, indent=2, default=str))
+    write_json(target, results)
     return {"parity": str(target)}
 
 
