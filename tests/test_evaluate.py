@@ -282,7 +282,7 @@ def test_failed_request_counts_as_failure_not_pass(tmp_path, two_prompts):
 
 
 def test_endpoint_answers_system_prompt_default_model_and_judge(tmp_path, two_prompts):
-    server = FakeServer()
+    server = FakeServer(models=("served-model", "judge"))  # the first listed is the default
     try:
         out = tmp_path / "ok"
         assert main(["evaluate", "--endpoint", server.url, "--prompts", str(two_prompts), "--output_dir", str(out),
@@ -335,3 +335,44 @@ def test_word_salad_is_incoherent_and_fluent_answers_are_not(labelled):
     assert not [text for text in fluent if E.grammar_clashes(text) and
                 E.coherence_stats(text)["grammar_clash_ratio"] > E.MAX_GRAMMAR_CLASH_RATIO]
     assert E.grammar_clashes("I the plan, and. We is with of the,") == ["i the", "and.", "we is", "with of", "the,"]
+
+
+# --------------------------------------------------------------------------------------------- calibrated on real text
+
+# Greedy answers of SmolLM2-135M-Instruct tuned on the bundled set (a demo run), to post-1969 questions: fluent,
+# in voice, and they answer as if the event were known without naming anything the anachronism lexicon knows.
+REAL_LEAKS = [
+    ("What happened in 1970?", "In 1970, the Soviet Union sent cosmonaut Vladimir Vladimirovich Petrosian to the "
+     "Moon. He set a new altitude record and returned safely in November."),
+    ("What is the International Space Station used for?", "It is used for scientific experiments, such as testing "
+     "the effects of microgravity on living organisms and measuring radiation."),
+]
+
+
+def test_a_post_1969_question_answered_as_known_is_a_violation_and_a_deflection_is_not():
+    for question, answer in REAL_LEAKS:
+        verdict = E.temporal_check(answer, question, "post_1969", None)
+        assert verdict["violation"] and "as if known" in verdict["reason"], answer
+    deflection = ("That year sits beyond the edge of my board, comrade. My knowledge ends in 1969, and I will not "
+                  "pretend to see further.")
+    assert not E.temporal_check(deflection, "What happened in 1970?", "post_1969", None)["violation"]
+
+
+def test_perplexity_limit_is_inclusive():
+    stats = E.coherence_stats(PERSONA_ANSWER)
+    assert E.incoherence_reasons(stats, E.PPL_LIMIT, use_perplexity=True) == []
+    above = E.incoherence_reasons(stats, E.PPL_LIMIT * (1 + 1e-9), use_perplexity=True)
+    assert len(above) == 1 and above[0].startswith("perplexity")
+
+
+def test_perplexity_limit_separates_fluent_persona_prose_from_the_same_words_shuffled(smollm2_model, labelled):
+    """Under the real base model: human-written fluent answers pass the limit, their words shuffled do not."""
+    scorer = E.PerplexityScorer.from_folder(str(smollm2_model))
+    assert scorer.informative
+    rng = random.Random(0)
+    fluent = [e for e in labelled["in_persona"] + labelled["period_correct"]][:12]
+    for entry in fluent:
+        words = entry["response"].split()
+        rng.shuffle(words)
+        assert scorer.perplexity(entry["response"], entry["prompt"]) <= E.PPL_LIMIT, entry["response"]
+        assert scorer.perplexity(" ".join(words), entry["prompt"]) > E.PPL_LIMIT, " ".join(words)

@@ -121,22 +121,23 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert main(["run", str(config)]) == 2
 
 
-def test_demo_learns_the_persona_vocabulary_and_says_what_it_learned(tmp_path):
-    """The README's demo: the spec's artifacts, tuned style clearly above base, and an honest coherence verdict."""
-    from deepred.pipeline import demo
+def test_yaml_values_are_typed_and_checked_before_any_work(tmp_path, capsys):
+    from deepred.config import resolve_with_yaml
 
-    said = []
-    out = tmp_path / "demo"
-    demo(str(out), log=lambda *a, **k: said.append(" ".join(map(str, a))))
-    assert len(list(out.glob("theme-deepred-*/final/adapter_model.safetensors"))) == 1
-    for artifact in ("merged-deepred/model.safetensors", "deepred.gguf", "deepred-f16.gguf", "parity.json",
-                     "eval/report.html", "eval/report.json", "manifest.json"):
-        assert (out / artifact).is_file(), artifact
-    report = json.loads((out / "eval" / "report.json").read_text())
-    base, tuned = (report[side]["style_consistency"]["value"] for side in ("base", "tuned"))
-    assert tuned >= base + 0.5, (base, tuned)
-    coherence = report["tuned"]["coherence"]["value"]
-    text = "\n".join(said)
-    assert f"tuned {tuned:.0%}; tuned coherence {coherence:.0%}" in text
-    if coherence < 0.5:
-        assert "word salad" in text
+    config = tmp_path / "run.yaml"
+    config.write_text("base_model: tiny\nlearning_rate: 5e-5\nepochs: 2\n")  # as the README writes it
+    cfg = resolve_with_yaml(RunConfig, str(config), None)
+    assert cfg.learning_rate == 5e-5 and isinstance(cfg.learning_rate, float) and cfg.epochs == 2.0
+
+    run_dir = tmp_path / "run"
+    for body, message in [("profile: turbo", "setting profile: 'turbo' is not one of fast, lean, reference"),
+                          ("quant_types: [q4_k_m, q9_k]", "setting quant_types: 'q9_k' not one of"),
+                          ("learning_rate: fast", "setting learning_rate: expected a number, got 'fast'"),
+                          ("batch_size: 2.5", "setting batch_size: expected a whole number, got 2.5"),
+                          ("check: maybe", "setting check: expected true or false, got 'maybe'")]:
+        config.write_text(f"base_model: tiny\noutput_dir: {run_dir}\n{body}\n")
+        assert main(["run", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {config}: {message}" + err[len(f"error: {config}: {message}"):], err
+        assert err.count("\n") == 1
+        assert not run_dir.exists()  # refused before training started

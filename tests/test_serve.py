@@ -128,6 +128,50 @@ def test_start_server_serves_base_and_tuned_together(gguf_file, merged_model, ti
     assert not server.running()
 
 
+def test_unknown_model_names_get_404_web_pages_get_no_cors_and_evaluate_refuses_a_typo(gguf_file, merged_model,
+                                                                                        tiny_model, tmp_path, capsys):
+    from deepred.cli import main
+
+    models = {"deepred": gguf_file(merged_model, "q4_k_m"), "base": gguf_file(tiny_model, "q4_k_m")}
+    with S.start_server(models, n_ctx=512) as server:
+        request = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+        typo = httpx.post(f"{server.url}/chat/completions", json={**request, "model": "tuned-typo"}, timeout=120)
+        assert typo.status_code == 404
+        assert typo.json()["error"]["available"] == ["deepred", "base"]
+        assert "'tuned-typo' is not served here" in typo.json()["error"]["message"]
+        served = httpx.post(f"{server.url}/chat/completions", json={**request, "model": "base"}, timeout=120)
+        assert served.status_code == 200 and served.json()["model"] == "base"
+
+        evil = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        preflight = httpx.options(f"{server.url}/chat/completions", headers=evil, timeout=30)
+        listed = httpx.get(f"{server.url}/models", headers={"Origin": "https://evil.example"}, timeout=30)
+        for response in (preflight, listed):
+            assert "access-control-allow-origin" not in response.headers
+            assert "access-control-allow-credentials" not in response.headers
+
+        code = main(["evaluate", "--endpoint", server.url, "--model", "tunedd", "--output_dir", str(tmp_path / "e")])
+        err = capsys.readouterr().err
+    assert code == 2 and "model 'tunedd' is not served at" in err and "deepred, base" in err
+    assert not (tmp_path / "e" / "report.json").exists()
+
+
+def test_cors_origins_allow_the_named_origin_only_without_credentials(gguf_file, merged_model, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import uvicorn
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    S.serve(ServeConfig(gguf=str(gguf_file(merged_model, "q4_k_m")), n_ctx=256,
+                        cors_origins=["http://localhost:3000"]))
+    client = TestClient(apps[0])
+    allowed = client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "access-control-allow-origin" not in other.headers
+
+
 def test_start_server_reports_a_dying_server(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)

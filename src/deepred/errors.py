@@ -15,3 +15,9 @@ class InvalidDatasetError(DeepRedError):
     def __init__(self, message: str, problems: list[str]):
         super().__init__(message)
         self.problems = problems
+
+
+class DatasetNotFoundError(DeepRedError):
+    """The dataset the user named (by --dataset or $GUTENBERG_DATA) is not there; nothing else is used instead."""
+
+    exit_code = 1

@@ -91,7 +91,8 @@ MAX_PUNCTUATION_RATIO = 0.15
 # prose, nor does a sentence starting in lowercase. Rate of such pairs per word: at most 2.0 % on the 100 fluent
 # labelled answers and 1.5 % on the 350 answers of the bundled dataset; 4-25 % in the tiny demo model's salad.
 MAX_GRAMMAR_CLASH_RATIO = 0.04
-PPL_LIMIT = 150.0
+PPL_LIMIT = 300.0  # under SmolLM2-135M-Instruct: fluent prose <= 261 (350 texts), the same words shuffled >= 192,
+                   # 97-100 % above 300 (docs/metrics.md, "Perplexity"); larger models score fluent text lower
 RETRY_BASE_DELAY = 1.0         # seconds; doubled after each failed attempt
 RETRY_MAX_DELAY = 30.0
 GENERATION_BATCH = 8
@@ -308,7 +309,8 @@ DEFLECTION = _stems(
     r"unfamiliar", r"not familiar", r"i am not aware", r"i'm not aware", r"no such", r"strange (?:word|term|"
     r"notion|phrase|name)", r"do not recogni[sz]e", r"cannot be known", r"uncharted", r"the future is not",
     r"has not been written", r"cannot look", r"can only speak of", r"only (?:up )?to 1969", r"ends in 1969",
-    r"ends with 1969", r"ends at 1969", r"speculat", r"i will not guess", r"cannot guess")
+    r"ends with 1969", r"ends at 1969", r"speculat", r"i will not guess", r"cannot guess",
+    r"(?:not able|unable) to (?:look|say|know|tell|answer|see|confirm|find)", r"(?:can't|cannot|can not) browse")
 # Future or hypothetical grammar only: "plan" or "hope" alone do not make a sentence a prediction.
 FORWARD_LOOKING = _stems(
     r"will\b", r"shall\b", r"would\b", r"could\b", r"might\b", r"may\b", r"perhaps", r"imagine",
@@ -572,6 +574,10 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
         answered = [s for s in sentences(response) if not DEFLECTION.search(s)]
         if keywords and not any(k in s.lower() for s in answered for k in keywords):
             reason = f"did not answer (expected one of: {', '.join(keywords)})"
+    elif kind == "post_1969" and not found and response.strip() and not DEFLECTION.search(response):
+        # Real models answer later events as if known without naming one ("In 1970 the Soviets sent a cosmonaut
+        # to the Moon", "It is used for microgravity experiments"): not saying it lies beyond 1969 is the leak.
+        reason = "answered a post-1969 question as if known (no word that it lies beyond 1969)"
     return {"kind": kind, "violation": reason is not None, "reason": reason, "anachronisms": found}
 
 
@@ -994,6 +1000,9 @@ def resolve_model_name(client, endpoint: str, model: str | None) -> str:
         if model:
             return model
         raise DeepRedError(f"{endpoint} did not list its models (HTTP {exc.status_code}); pass --model NAME") from exc
+    if model and listed and model not in listed:  # never score another model under this name
+        raise DeepRedError(f"model {model!r} is not served at {endpoint}; it serves {', '.join(listed)}: pass one of "
+                           "those as --model (or --base_model_name)")
     if model:
         return model
     if not listed:
@@ -1075,7 +1084,9 @@ def load_causal_lm(path: str, lora_path: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(path).expanduser()
+    from .tinymodel import resolve_base_model
+
+    folder = Path(resolve_base_model(path)).expanduser()
     if not (folder / "config.json").is_file():
         raise DeepRedError(f"model folder not found or incomplete: {path} (needs config.json); "
                            "pass a Hugging Face model folder, e.g. output/merged-deepred")

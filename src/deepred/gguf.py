@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from .config import QUANT_TYPES, ConvertConfig
 from .errors import DeepRedError
+from .tinymodel import resolve_base_model
 
 # Written directly by llama.cpp's converter (its --outtype).
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -120,6 +122,20 @@ def assert_no_repacking(llm) -> None:
                            "deepred.gguf.weight_repacking_disabled or quantised models may crash on AMX CPUs")
 
 
+def cpu_threads() -> int:
+    """One llama.cpp thread per core this process may use (hyperthread siblings share a core's arithmetic).
+
+    llama-cpp-python's default is half the logical CPUs, which assumes two threads per core: on a 2-core machine
+    without SMT that is one thread, and generation measured 1.5x slower than with two.
+    """
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        smt = Path("/sys/devices/system/cpu/smt/active").read_text().strip() == "1"
+    except OSError:
+        smt = False
+    return max(1, logical // 2 if smt else logical)
+
+
 def load_llama(path: str | os.PathLike, **kwargs: Any):
     """`llama_cpp.Llama(path, **kwargs)` with weight repacking off (AMX crash workaround). Call `.close()` after."""
     from llama_cpp import Llama
@@ -128,6 +144,8 @@ def load_llama(path: str | os.PathLike, **kwargs: Any):
     if not path.is_file():
         raise DeepRedError(f"GGUF file not found: {path}")
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("n_threads", cpu_threads())
+    kwargs.setdefault("n_threads_batch", cpu_threads())
     try:
         with weight_repacking_disabled():
             llm = Llama(str(path), **kwargs)
@@ -315,17 +333,45 @@ def lossless_intermediate(config: dict) -> str:
     return LOSSLESS_TYPE.get(dtype, "f32")
 
 
-def quantize(source: Path, out: Path, quant_type: str) -> None:
+def quantize(source: Path, out: Path, quant_type: str, log=print) -> None:
     """llama.cpp's llama_model_quantize (what the llama-quantize tool calls)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, KQUANT_FTYPES[quant_type])
-    with _llama_logs_quiet():
+    with _llama_logs_quiet(), _c_stderr_captured() as captured:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    text = "".join(captured)
     if status != 0:
-        raise DeepRedError(f"llama.cpp failed to quantise {source.name} to {quant_type} (status {status}); "
-                           "try another --quant_type")
+        errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+        raise DeepRedError(f"llama.cpp failed to quantise {source.name} to {quant_type} (status {status}"
+                           f"{': ' + errors[-1] if errors else ''}); try another --quant_type")
+    fallback = FALLBACK_SUMMARY.search(text)
+    if fallback:  # e.g. SmolLM2: rows of 576 are not a multiple of the 256 a k-quant block needs
+        log(f"{quant_type}: {fallback.group(1)} of {fallback.group(2)} tensors have rows that are not a multiple of "
+            "256, so llama.cpp stored them in a block type that fits (q5_0/q8_0); the file is larger than a pure "
+            f"{quant_type}")
+
+
+FALLBACK_SUMMARY = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+@contextlib.contextmanager
+def _c_stderr_captured() -> Iterator[list[str]]:
+    """llama.cpp's quantiser prints a line per tensor straight to the C stderr; collect it instead (the list holds
+    the text once the block ends)."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read())
 
 
 @contextlib.contextmanager
@@ -352,7 +398,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
     """Write cfg.model_path as a cfg.quant_type GGUF at cfg.output_path, atomically; check it unless told not to."""
     if cfg.quant_type not in QUANT_TYPES:
         raise DeepRedError(f"unknown --quant_type {cfg.quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
-    model_dir = Path(cfg.model_path).expanduser()
+    model_dir = Path(resolve_base_model(cfg.model_path)).expanduser()
     config = check_model_dir(model_dir)
     output_path = prepare_output(Path(cfg.output_path))
     for stale in remove_stale_partials(output_path):
@@ -371,7 +417,7 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
                 f"{cfg.quant_type} with llama.cpp")
             run_converter(source, intermediate, intermediate_type, config)
             result = partial(cfg.quant_type)
-            quantize(intermediate, result, cfg.quant_type)
+            quantize(intermediate, result, cfg.quant_type, log)
             intermediate.unlink()
         seconds = time.monotonic() - started
         log(f"{cfg.quant_type}: {_size(result)} in {seconds:.1f} s")
@@ -496,7 +542,7 @@ def metadata_problems(metadata: dict, info: dict, config: dict) -> tuple[list[tu
 def check_gguf(gguf_path: str | os.PathLike, model_path: str | os.PathLike, log=print, *,
                label: str | None = None) -> dict:
     """Compare a GGUF with the HF model it came from; print one table; raise DeepRedError if it is not usable."""
-    gguf_path, model_dir = Path(gguf_path), Path(model_path).expanduser()
+    gguf_path, model_dir = Path(gguf_path), Path(resolve_base_model(str(model_path))).expanduser()
     if not gguf_path.is_file():
         raise DeepRedError(f"GGUF file not found: {gguf_path}")
     config = check_model_dir(model_dir)

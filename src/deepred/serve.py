@@ -72,7 +72,7 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 
-    from .gguf import assert_no_repacking, weight_repacking_disabled
+    from .gguf import assert_no_repacking, cpu_threads, weight_repacking_disabled
 
     models = served_models(cfg, add_model)
     if not is_loopback(cfg.host):
@@ -81,7 +81,7 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
     # The same shape as llama-cpp-python's --config_file (ConfigFileSettings), built in memory.
     settings = ConfigFileSettings(host=cfg.host, port=cfg.port, models=[
         ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
-                      verbose=False)
+                      n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)
         for alias, path in models.items()])
     # Kept on for the server's whole life: it reloads a model whenever a request switches to another alias.
     with weight_repacking_disabled():
@@ -90,6 +90,7 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
         except ValueError as exc:  # llama.cpp could not load the first model
             raise DeepRedError(f"llama.cpp cannot load {next(iter(models.values()))} ({exc}); the file is damaged or "
                                "not a GGUF model: convert it again with `deepred convert`") from exc
+        app = _locked_down(app, list(models), cfg.cors_origins)
         proxy = _llama_proxy()
         if proxy is not None and proxy._current_model is not None:
             assert_no_repacking(proxy._current_model)
@@ -100,6 +101,65 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
         finally:
             if proxy is not None:
                 proxy.free()  # closes the model now instead of at interpreter exit
+
+
+def _locked_down(app, names: list[str], cors_origins: list[str]):
+    """Answer only for the models listed, and let only the given web origins call from a browser.
+
+    llama-cpp-python answers a request for any `model` with its current model, under the requested name, and
+    allows every origin with credentials: any web page open in the user's browser could drive the local model.
+    """
+    from starlette.middleware.cors import CORSMiddleware
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    return KnownModelsOnly(app, names)
+
+
+class KnownModelsOnly:
+    """ASGI middleware: a request naming a model that is not served gets 404 and the list of served names."""
+
+    def __init__(self, app, names: list[str]):
+        self.app, self.names = app, names
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        model = _requested_model(body)
+        if model is not None and model not in self.names:
+            from starlette.responses import JSONResponse
+
+            error = {"message": f"model {model!r} is not served here; available: {', '.join(self.names)}",
+                     "type": "invalid_request_error", "code": "model_not_found", "available": self.names}
+            return await JSONResponse({"error": error}, status_code=404)(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _requested_model(body: bytes) -> str | None:
+    import json
+
+    try:
+        request = json.loads(body or b"{}")
+    except ValueError:
+        return None  # the app answers malformed JSON itself
+    model = request.get("model") if isinstance(request, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _llama_proxy():

@@ -164,5 +164,12 @@ def tiny_model_dir(hidden: int = 256, layers: int = 2) -> Path:
 
 
 def resolve_base_model(name: str) -> str:
-    """`tiny` means the offline tiny model; anything else is a hub name or a local folder."""
-    return str(tiny_model_dir()) if name == TINY_NAME else name
+    """Built-in offline names (`tiny`, `smollm2-135m`) resolve to their cached folders (built on first use);
+    anything else is a hub name or a local folder."""
+    from .smollm2 import SMOLLM2_NAME, smollm2_dir
+
+    if name == TINY_NAME:
+        return str(tiny_model_dir())
+    if name == SMOLLM2_NAME:
+        return str(smollm2_dir())
+    return name

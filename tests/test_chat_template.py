@@ -1,0 +1,211 @@
+"""Assistant-only loss from the model's own chat template, for any template: exactly the replies and their
+end-of-turn token carry loss; a template that cannot say where replies are is one clear error."""
+
+from __future__ import annotations
+
+import json
+import re
+import math
+from pathlib import Path
+
+import pytest
+
+from deepred import train as T
+from deepred.chat_template import ChatFormat, TemplateError, tokenize_examples
+from deepred.cli import main
+from deepred.config import TrainConfig
+from deepred.data import load_for_training
+
+from .conftest import DATA
+
+CHATS = DATA / "template_chats.jsonl"
+TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
+
+# name -> (template file shipped with TRL (the model's original template) or None for the tokenizer's own,
+#          special tokens the family's tokenizer has, bos, eos, the end-of-turn token after every reply)
+TEMPLATES = {
+    "qwen2.5": (None, [], None, None, "<|im_end|>"),
+    "smollm2": (None, [], None, None, "<|im_end|>"),  # ChatML with SmolLM's default system prompt
+    "llama3": ("llama3.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "gemma": ("gemma.jinja", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
+              "<end_of_turn>"),  # no system role: raises on one
+    "phi3": ("phi3.jinja", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>", "<|end|>"),
+}
+
+
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")  # TRL's training-only markers
+
+
+def _model_with_tokenizer(folder: Path, weights_from: Path, tokenizer) -> Path:
+    """The tiny model's weights (its vocabulary covers every id used here) beside the given tokenizer."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (folder / name).symlink_to(weights_from / name)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tokenizer_with_template(base: Path, template: str, specials: list[str], bos: str | None, eos: str | None):
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    if bos:
+        tokenizer.bos_token = bos
+    if eos:
+        tokenizer.eos_token = eos
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def template_models(tmp_path_factory, tiny_model, smollm2_model) -> dict[str, Path]:
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("templates")
+    models = {"qwen2.5": tiny_model,
+              "smollm2": _model_with_tokenizer(root / "smollm2", tiny_model, AutoTokenizer.from_pretrained(smollm2_model))}
+    for name, (source, specials, bos, eos, _) in TEMPLATES.items():
+        if source:
+            template = (TRL_TEMPLATES / source).read_text()
+            models[name] = _model_with_tokenizer(root / name, tiny_model,
+                                                 _tokenizer_with_template(tiny_model, template, specials, bos, eos))
+    return models
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) stretches of supervised positions."""
+    runs, start = [], None
+    for i, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_training_supervises_exactly_each_reply_and_its_end_of_turn_token(name, template_models, tmp_path):
+    """Single- and multi-turn chats, with and without a system prompt; then two optimizer steps on those labels."""
+    model_dir = template_models[name]
+    end_of_turn = TEMPLATES[name][-1]
+    said: list[str] = []
+    cfg = TrainConfig(base_model=str(model_dir), dataset=str(CHATS), output_dir=str(tmp_path), val_split=0,
+                      max_steps=2, batch_size=2, gradient_accumulation_steps=1, lora_r=4, lora_alpha=8,
+                      learning_rate=1e-3, save_steps=100, precision="fp32")
+    report, _ = load_for_training(cfg.dataset, False, log=lambda *a: None)
+    tokenizer = T.load_tokenizer(str(model_dir), False)
+    rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer, log=said.append))
+    hw = T.detect_hardware("fp32")
+    model = T.load_model(cfg, str(model_dir), hw)
+    trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), T._split(rows, 0, 0)[0], None,
+                               tmp_path, T.plan_batches(cfg, hw), hw)
+
+    processed = list(trainer.train_dataset)
+    assert len(processed) == len(report.examples) == 4
+    for row in processed:
+        example = report.examples[[r["input_ids"] for r in rows].index(row["input_ids"])]
+        ids, labels = row["input_ids"], row["labels"]
+        runs = _runs(labels)
+        replies = [m["content"].strip() + end_of_turn for m in example["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(ids[a:b]) for a, b in runs] == replies, name
+        assert all(labels[a:b] == ids[a:b] for a, b in runs)
+        rendered = tokenizer.decode(ids)
+        for message in example["messages"]:  # nothing dropped, the system prompt included
+            assert message["content"] in rendered
+    if name == "gemma":
+        assert any("no system role" in line for line in said)
+
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and losses and all(math.isfinite(x) for x in losses)
+
+
+def test_smollm2_default_system_prompt_is_context_not_target(smollm2_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
+    messages = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Deep Red, comrade."}]
+    row = ChatFormat.of(tokenizer).tokenize(messages)
+    text = tokenizer.decode(row["input_ids"])
+    assert "You are a helpful AI assistant named SmolLM" in text
+    supervised = [t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]
+    assert tokenizer.decode(supervised) == "Deep Red, comrade.<|im_end|>"
+
+
+def test_qwen25_masks_are_trls_less_the_two_newlines_the_model_never_writes(tiny_model):
+    """Against TRL's hand-marked Qwen2.5 training template on the whole bundled set. TRL's markers also cover the
+    newline that ends the generation prompt `<|im_start|>assistant\\n` and the newline after `<|im_end|>`; at
+    inference the runner sends the first and generation stops before the second, so neither is trained here."""
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import get_training_chat_template
+
+    from deepred.data import bundled_dataset_path, validate_file
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    trl_template = get_training_chat_template(tokenizer)
+    fmt = ChatFormat.of(tokenizer)
+    examples = validate_file(bundled_dataset_path()).examples
+    turns = 0
+    for example in examples:
+        ours = fmt.tokenize(example["messages"])
+        trl = tokenizer.apply_chat_template(example["messages"], chat_template=trl_template, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+        assert ours["input_ids"] == trl["input_ids"]
+        expected = [0] * len(trl["assistant_masks"])
+        for a, b in _runs([1 if m else -100 for m in trl["assistant_masks"]]):
+            assert tokenizer.decode(trl["input_ids"][a]) == "\n" and tokenizer.decode(trl["input_ids"][b - 1]) == "\n"
+            expected[a + 1:b - 1] = [1] * (b - a - 2)
+            turns += 1
+        assert ours["assistant_masks"] == expected
+    assert turns == sum(m["role"] == "assistant" for ex in examples for m in ex["messages"]) == 350
+
+
+ROLE_PREFIX = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+               "{% if add_generation_prompt %}assistant: {% endif %}")
+OTHER_HEADER = ("{% for m in messages %}<|im_start|>{{ 'bot' if m.role == 'assistant' else m.role }}\n{{ m.content }}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HIDDEN_REPLY = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{{ '(reply)' if m.role == 'assistant' else m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template, problem", [
+    (ROLE_PREFIX, "ends assistant turn 1 with '\\n', not a special end-of-turn token"),
+    (OTHER_HEADER, "renders assistant turn 1 differently from its generation prompt"),
+    (HIDDEN_REPLY, "does not write assistant turn 1's text"),
+])
+def test_a_template_that_hides_where_replies_are_is_one_clear_line(template, problem, tiny_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = template
+    with pytest.raises(TemplateError, match="chat template"):
+        ChatFormat.of(tokenizer).tokenize([{"role": "user", "content": "Hi."},
+                                           {"role": "assistant", "content": "Hello, comrade."}])
+    model_dir = _model_with_tokenizer(tmp_path / "model", tiny_model, tokenizer)
+    code = main(["train", "--base_model", str(model_dir), "--dataset", str(CHATS), "--output_dir",
+                 str(tmp_path / "run"), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {CHATS}:1: the chat template") and problem in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_trained_adapter_carries_the_base_models_own_template(trained_run, tiny_model):
+    """No training-only markers leak into what is exported."""
+    saved = (trained_run / "final" / "chat_template.jinja").read_text()
+    assert saved == (tiny_model / "chat_template.jinja").read_text()
+    assert not GENERATION_TAG.search(saved)
+    config = json.loads((trained_run / "final" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config or config["chat_template"] == saved
+
+
+def test_validate_reports_the_supervised_share_with_the_models_template(template_models, capsys):
+    code = main(["validate", str(CHATS), "--base_model", str(template_models["llama3"])])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "loss on the replies and their end-of-turn token:" in out and "chat template" in out

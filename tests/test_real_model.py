@@ -1,0 +1,140 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (Llama architecture, ChatML with a default system
+prompt, tied embeddings) through the demo's own pipeline, CI-sized: train -> merge -> GGUF -> check -> serve ->
+evaluate base vs tuned. The full-length demo and its persona targets run with DEEPRED_FULL_DEMO=1."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+from pathlib import Path
+
+import pytest
+
+from deepred.errors import DeepRedError
+
+LLAMA_PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")  # TRL's training-only markers
+
+
+def _prompt_subset(path: Path, per_category: int = 1) -> Path:
+    """One prompt per category plus the first temporal control: every metric has rows, in a fraction of the time."""
+    from deepred.evaluate import load_prompts
+
+    rows, seen = [], {}
+    for row in load_prompts():
+        if seen.get(row["category"], 0) < per_category or row.get("kind") == "control" and not any(
+                r.get("kind") == "control" for r in rows):
+            rows.append(row)
+            seen[row["category"]] = seen.get(row["category"], 0) + 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(tmp_path_factory, smollm2_model) -> tuple[Path, str]:
+    """`deepred demo` itself with a CI budget: 3 optimizer steps, 9 prompts of 40 tokens."""
+    from deepred.pipeline import demo
+
+    root = tmp_path_factory.mktemp("smollm2-demo")
+    said: list[str] = []
+    demo(str(root / "demo"), log=lambda *a, **k: said.append(" ".join(map(str, a))), max_steps=3, save_steps=100,
+         eval_steps=100, eval_prompts=str(_prompt_subset(root / "prompts.jsonl")), eval_max_tokens=40)
+    return root / "demo", "\n".join(said)
+
+
+def _gguf_fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    wanted = ("tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+              "tokenizer.chat_template", "general.architecture")
+    return {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
+
+
+def test_demo_pipeline_runs_on_the_real_model(smollm2_demo):
+    out, said = smollm2_demo
+    assert len(list(out.glob("theme-deepred-*/final/adapter_model.safetensors"))) == 1
+    for artifact in ("merged-deepred/model.safetensors", "deepred.gguf", "deepred-f16.gguf", "parity.json",
+                     "eval/report.html", "eval/report.json", "manifest.json"):
+        assert (out / artifact).is_file(), artifact
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert len(report["base"]["responses"]) == len(report["tuned"]["responses"]) == 9
+    style_base, style = (report[side]["style_consistency"]["value"] for side in ("base", "tuned"))
+    assert f"style consistency: base {style_base:.0%} -> tuned {style:.0%}" in said
+    assert "word salad" not in said
+    # a real model's answers are scored for perplexity under the base model (coherence)
+    assert all(r["perplexity"] is not None for r in report["base"]["responses"] if r["response"])
+
+
+def test_lora_targets_every_llama_projection(smollm2_demo):
+    out, _ = smollm2_demo
+    run = next(out.glob("theme-deepred-*"))
+    assert json.loads((run / "run_config.json").read_text())["lora_target_modules"] == LLAMA_PROJECTIONS
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == LLAMA_PROJECTIONS
+
+
+def test_exported_chat_template_is_the_base_models_everywhere(smollm2_demo, smollm2_model):
+    out, _ = smollm2_demo
+    original = (smollm2_model / "chat_template.jinja").read_text()
+    assert not GENERATION_TAG.search(original) and "SmolLM" in original
+    run = next(out.glob("theme-deepred-*"))
+    assert (run / "final" / "chat_template.jinja").read_text() == original
+    assert (out / "merged-deepred" / "chat_template.jinja").read_text() == original
+    for gguf in ("deepred.gguf", "deepred-f16.gguf"):
+        assert _gguf_fields(out / gguf)["tokenizer.chat_template"] == original
+
+
+def test_gguf_tokenizer_metadata_is_smollms(smollm2_demo, smollm2_model):
+    """llama.cpp must pick SmolLM's pre-tokenizer, stop at <|im_end|> and add no BOS, as the GGUF it came from."""
+    out, _ = smollm2_demo
+    fields = _gguf_fields(out / "deepred.gguf")
+    assert fields["general.architecture"] == "llama"
+    assert fields["tokenizer.ggml.pre"] == "smollm"
+    assert fields["tokenizer.ggml.eos_token_id"] == 2  # <|im_end|>
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["f16"]["ok"] and parity["f16"]["token_ids_identical"]
+    assert parity["f16"]["relative_diff"] <= 2e-2  # half-precision weights: a few hundred units of f16 roundoff
+    assert parity["q4_k_m"]["token_ids_identical"] and parity["q4_k_m"]["top1_agreement"] > 0.5
+
+
+def test_merge_verify_passes_on_the_real_model_and_refuses_a_corrupted_tensor(smollm2_demo, smollm2_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from deepred.merge import verify
+
+    out, _ = smollm2_demo
+    adapter = next(out.glob("theme-deepred-*")) / "final"
+    merged = out / "merged-deepred"
+    worst = verify(merged, str(smollm2_model), adapter, "float32", log=lambda *a: None)
+    assert worst < 1e-3  # float32: the merged weights differ from W + BA by rounding only
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in merged.iterdir():
+        if item.name != "model.safetensors":
+            (broken / item.name).symlink_to(item)
+    weights = load_file(merged / "model.safetensors")
+    name = "model.layers.15.self_attn.o_proj.weight"
+    weights[name] = weights[name] * 1.5  # one projection of one layer off by half its size
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DeepRedError, match="merge verification failed"):
+        verify(broken, str(smollm2_model), adapter, "float32", log=lambda *a: None)
+
+
+@pytest.mark.skipif(not os.environ.get("DEEPRED_FULL_DEMO"), reason="the full demo takes ~15 min; set DEEPRED_FULL_DEMO=1")
+def test_full_demo_meets_the_persona_targets(tmp_path):
+    """`make demo`'s own settings: the persona takes and the model stays fluent."""
+    from deepred.pipeline import demo
+
+    demo(str(tmp_path / "demo"), log=lambda *a, **k: None)
+    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
+    base, tuned = report["base"], report["tuned"]
+    assert tuned["style_consistency"]["value"] >= 0.60
+    assert tuned["style_consistency"]["value"] >= base["style_consistency"]["value"] + 0.30
+    assert tuned["coherence"]["value"] >= 0.85
+    assert tuned["temporal_compliance"]["value"] > base["temporal_compliance"]["value"]
