@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
+
+
+def with_tokenizer_config(model_dir: Path, view: Path, **changes) -> Path:
+    """A view of model_dir (symlinks) whose tokenizer_config.json has `changes` applied; the original is untouched."""
+    view.mkdir()
+    for item in model_dir.iterdir():
+        if item.name != "tokenizer_config.json":
+            (view / item.name).symlink_to(item)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (view / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+    return view
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import stat
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from deepred import deploy as D
 from deepred.cli import main
 from deepred.config import DeployConfig
 from deepred.errors import DeepRedError
+
+
+SLEEP = shutil.which("sleep")  # found before the tests narrow PATH
 
 
 def sha(path: Path) -> str:
@@ -206,7 +210,7 @@ def test_force_replaces_a_model_with_another_file_name(env, gguf):
     assert files_in(folder) == ["deepred.gguf"] and sha(folder / "deepred.gguf") == sha(gguf)
 
 
-def test_identical_redeploy_is_a_no_op(env, gguf, lms_on_path, capsys):
+def test_identical_redeploy_copies_nothing_and_loads_again(env, gguf, lms_on_path, capsys):
     models = env / "models"
     assert main(["deploy", str(gguf), "--models_dir", str(models)]) == 0
     dest = models / "local" / "deepred" / "deepred.gguf"
@@ -220,8 +224,44 @@ def test_identical_redeploy_is_a_no_op(env, gguf, lms_on_path, capsys):
     after = dest.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert files_in(dest.parent) == ["deepred.gguf"]
-    assert not lms_on_path.exists()  # nothing was run either
-    assert "lms load --exact local/deepred/deepred.gguf --identifier deepred -y" in out
+    assert recorded(lms_on_path) == ["load", "--exact", "local/deepred/deepred.gguf", "--identifier", "deepred", "-y"]
+    assert "loaded in LM Studio as 'deepred'" in out
+
+
+def test_a_failed_load_is_retried_by_the_next_deploy(env, gguf, monkeypatch, capsys):
+    record = env / "lms-args.txt"
+    failing = make_fake_lms(env / "failing", record, exit_code=3)
+    monkeypatch.setenv("PATH", str(failing.parent))
+    models = env / "models"
+    assert main(["deploy", str(gguf), "--models_dir", str(models)]) == D.LmsLoadError.exit_code
+    working = make_fake_lms(env / "working", record)
+    monkeypatch.setenv("PATH", str(working.parent))
+    record.unlink()
+    capsys.readouterr()
+    assert main(["deploy", str(gguf), "--models_dir", str(models)]) == 0
+    assert recorded(record)[0] == "load" and "loaded in LM Studio" in capsys.readouterr().out
+
+
+def test_a_hung_lms_load_times_out_with_one_line(env, gguf, monkeypatch, capsys):
+    hung = env / "hung" / "lms"
+    hung.parent.mkdir()
+    hung.write_text(f"#!/bin/sh\nexec {SLEEP} 30\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("PATH", str(hung.parent))
+    monkeypatch.setattr(D, "LMS_LOAD_TIMEOUT_S", 1.0)
+    code = main(["deploy", str(gguf), "--models_dir", str(env / "models")])
+    err = capsys.readouterr().err
+    assert code == D.LmsLoadError.exit_code and "lms load did not finish within 1 s" in err and err.count("\n") == 1
+    assert sha(env / "models" / "local" / "deepred" / "deepred.gguf") == sha(gguf)
+
+
+def test_deploying_a_file_from_the_destination_folder_is_refused(env, lms_on_path, capsys):
+    models = env / "models"
+    inside = make_gguf(models / "local" / "deepred" / "other.gguf", seed=5)
+    make_gguf(models / "local" / "deepred" / "deepred.gguf", seed=6)
+    assert main(["deploy", str(inside), "--models_dir", str(models), "--force"]) == 2
+    assert "the output would be its own input" in capsys.readouterr().err
+    assert files_in(models / "local" / "deepred") == ["deepred.gguf", "other.gguf"]
 
 
 def test_non_gguf_and_missing_files_are_refused(env, lms_on_path, capsys):

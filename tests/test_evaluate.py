@@ -376,3 +376,18 @@ def test_perplexity_limit_separates_fluent_persona_prose_from_the_same_words_shu
         rng.shuffle(words)
         assert scorer.perplexity(entry["response"], entry["prompt"]) <= E.PPL_LIMIT, entry["response"]
         assert scorer.perplexity(" ".join(words), entry["prompt"]) > E.PPL_LIMIT, " ".join(words)
+
+
+def test_model_path_takes_hub_and_built_in_names_like_every_command(smollm2_model, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "m1", "category": "mission",
+                                                  "prompt": "What is the purpose of our mission to Mars?"}])
+    assert main(["evaluate", "--model_path", "smollm2-135m", "--prompts", str(prompts), "--max_tokens", "12",
+                 "--output_dir", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["responses"][0]["response"] and report["meta"]["perplexity_model"] == "smollm2-135m"
+    capsys.readouterr()
+    # a hub name is tried on the hub (offline here), not refused as a missing folder
+    assert main(["evaluate", "--model_path", "Qwen/Qwen2.5-1.5B-Instruct", "--prompts", str(prompts),
+                 "--output_dir", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face hub could not provide it" in err and err.count("\n") == 1

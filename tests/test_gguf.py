@@ -156,6 +156,34 @@ def test_failed_check_publishes_nothing(merged_model, tmp_path, monkeypatch):
     assert out.read_bytes() == b"GGUF fake" and partials(tmp_path) == []
 
 
+@pytest.mark.parametrize("quant_type", ["q4_k_m", "q8_0"])
+def test_a_wrong_conversion_cannot_hide_behind_quantisation(merged_model, tiny_model, tmp_path, monkeypatch, quant_type):
+    """Fault injection: the converter writes the untrained base model instead of the merged one. A quantised file's
+    logits are only reported, so the lossless intermediate must be held to the strict bound before quantising."""
+    real_converter = G.run_converter
+
+    def wrong_model(source, out, outtype, config):
+        real_converter(tiny_model, out, outtype, config)
+
+    monkeypatch.setattr(G, "run_converter", wrong_model)
+    out = tmp_path / "deepred.gguf"
+    with pytest.raises(DeepRedError, match=r"logits differ.*not written"):
+        G.convert(ConvertConfig(model_path=str(merged_model), output_path=str(out), quant_type=quant_type), log=quiet)
+    assert not out.exists() and partials(tmp_path) == []
+
+
+def test_outputs_never_overwrite_inputs(merged_model, tmp_path, capsys):
+    from deepred.cli import main
+
+    inside = merged_model / "model.gguf"
+    assert main(["convert", "--model_path", str(merged_model), "--output_path", str(inside), "--no-check"]) == 2
+    assert "lies inside the model folder" in capsys.readouterr().err and not inside.exists()
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    assert main(["convert", "--model_path", str(merged_model), "--output_path", str(notes), "--no-check"]) == 2
+    assert "is not a GGUF file; add --force" in capsys.readouterr().err and notes.read_text() == "my notes"
+
+
 def test_clear_errors_for_bad_inputs(merged_model, tmp_path):
     def error(model_path, output_path) -> str:
         with pytest.raises(DeepRedError) as info:

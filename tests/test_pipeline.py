@@ -74,7 +74,33 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     models = tmp_path / "models"
     fixed = _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(models))
     assert _decisions(fixed)["convert"] == "skipped" and _decisions(fixed)["deploy"] == "running"
-    assert (models / "local" / "deepred" / "deepred.gguf").is_file()
+    deployed = models / "local" / "deepred" / "deepred.gguf"
+    first = deployed.read_bytes()
+
+    dataset.write_text("\n".join(lines[:-2]) + "\n")  # retrain: a different model wants the same LM Studio name
+    with pytest.raises(DeepRedError, match="already holds a different model.*--force"):
+        _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(models))
+    assert deployed.read_bytes() == first
+    _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(models), force=True)
+    assert deployed.read_bytes() == (run_dir / "deepred.gguf").read_bytes() != first
+
+
+def test_run_folder_never_holds_its_inputs_or_foreign_files(tiny_model, tmp_path, capsys):
+    dataset = tmp_path / "data" / "data.jsonl"
+    dataset.parent.mkdir()
+    shutil.copy(DATA / "mini.jsonl", dataset)
+    common = ["--base_model", str(tiny_model), "--dataset", str(dataset), "--max_steps", "1"]
+    assert main(["run", *common, "--output_dir", str(tmp_path / "data")]) == 2
+    assert "--output_dir" in capsys.readouterr().err
+    assert main(["run", *common, "--output_dir", str(tiny_model.parent)]) == 2  # would hold the base model
+    assert "contains the base model" in capsys.readouterr().err
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    assert main(["run", *common, "--output_dir", str(foreign)]) == 2
+    assert "not a `deepred run` folder" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
 
 
 def test_killed_training_resumes_on_rerun(tiny_model, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from deepred.errors import DeepRedError
 
+
 LLAMA_PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
@@ -138,3 +139,37 @@ def test_full_demo_meets_the_persona_targets(tmp_path):
     assert tuned["style_consistency"]["value"] >= base["style_consistency"]["value"] + 0.30
     assert tuned["coherence"]["value"] >= 0.85
     assert tuned["temporal_compliance"]["value"] > base["temporal_compliance"]["value"]
+
+
+def test_gguf_check_catches_a_bos_flag_the_tokenizer_does_not_follow(smollm2_demo, smollm2_model, tmp_path):
+    """A GGUF that says add_bos_token = true for SmolLM2, whose tokenizer adds none (what a converter fed a wrong
+    tokenizer_config writes): every llama.cpp runner would prepend a BOS the model never saw. The check compares
+    ids with the special tokens each side adds, so it fails."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from deepred.gguf import check_gguf
+
+    out, _ = smollm2_demo
+    wrong = tmp_path / "bos.gguf"
+    shutil.copy(out / "deepred-f16.gguf", wrong)
+    field = GGUFReader(str(wrong), "r+").fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][0] = True  # edited in place, as llama.cpp's gguf_set_metadata.py does
+    assert _gguf_fields(wrong)["tokenizer.ggml.add_bos_token"] is True
+    check_gguf(out / "deepred-f16.gguf", out / "merged-deepred", log=lambda *a: None)  # the file as converted
+    with pytest.raises(DeepRedError, match="llama.cpp tokenizes differently from the HF tokenizer"):
+        check_gguf(wrong, out / "merged-deepred", log=lambda *a: None)
+
+
+def test_bfloat16_merge_of_a_30_layer_model_verifies_within_its_relative_bound(smollm2_demo, smollm2_model, tmp_path):
+    """bf16 rounding grows with depth: the bound is relative to the logit scale, not an absolute 0.25."""
+    from deepred.config import MergeConfig
+    from deepred.merge import merge
+
+    out, _ = smollm2_demo
+    said: list[str] = []
+    merged = merge(MergeConfig(base_model="smollm2-135m", lora_path=str(next(out.glob("theme-deepred-*")) / "final"),
+                               output_path=str(tmp_path / "bf16"), dtype="bfloat16", verify=True), log=said.append)
+    assert (merged / "model.safetensors").is_file()
+    assert any("= 0.15 x logit scale for bfloat16): ok" in line for line in said), said

@@ -222,3 +222,29 @@ def test_evaluate_through_the_server(gguf_file, merged_model, tmp_path):
     assert all(not a.get("error") for a in answers)
     assert answers[2]["temporal_violation"] is not None and answers[0]["temporal_violation"] is None
     assert (tmp_path / "eval" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_the_server_child_ends_with_its_interrupted_parent(gguf_file, merged_model, signum):
+    """A pipeline or evaluation that is interrupted (Ctrl-C, a scheduler's SIGTERM, a kill) leaves no server behind."""
+    import os
+
+    script = ("import sys, time\nfrom pathlib import Path\nfrom deepred.serve import start_server\n"
+              f"server = start_server({{'deepred': Path({str(gguf_file(merged_model, 'q4_k_m'))!r})}}, n_ctx=256)\n"
+              "print(server.process.pid, flush=True)\nwith server:\n    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signum)
+    parent.wait(60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child), "the server outlived its parent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return "gone"

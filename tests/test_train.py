@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -91,33 +92,82 @@ def test_training_loss_falls_and_run_folder_has_the_spec_layout(trained_run):
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_latest_finishes(tiny_model, tmp_path):
+def test_sigterm_then_the_printed_resume_command_finishes_the_same_run(tiny_model, tmp_path):
+    """Kill at a checkpoint, run the printed command as is: the run ends at its own step count and batch."""
     out = tmp_path / "run"
     args = ["--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir", str(out),
-            "--max_steps", "40", "--save_steps", "3", "--batch_size", "1", "--gradient_accumulation_steps", "1",
-            "--val_split", "0", "--lora_r", "4", "--lora_alpha", "8"]
+            "--max_steps", "30", "--save_steps", "3", "--save_total_limit", "2", "--batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--val_split", "0", "--lora_r", "4", "--lora_alpha", "8",
+            "--learning_rate", "0.002"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune_theme.py"), *args],
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune_theme.py"), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 300
     while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert latest_checkpoint(out) is not None, "no checkpoint was written"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, output
-    assert "SIGTERM: stopped at step" in output and "--resume_latest" in output
     stopped_at = latest_checkpoint(out)
     step = int(stopped_at.name.split("-")[1])
-    assert 3 <= step < 40 and not (out / "final").exists()
+    assert 3 <= step < 30 and not (out / "final").exists()
+    printed = output.split("Resume with: ")[1].splitlines()[0]
+    assert printed == f"python scripts/finetune_theme.py --output_dir {out} --resume_latest"
 
-    resumed = _run_script(*[a if a != "40" else str(step + 2) for a in args], "--resume_latest", env=env,
-                          timeout=300)
+    changed = subprocess.run([sys.executable, *shlex.split(printed)[1:], "--learning_rate", "0.5"], cwd=REPO,
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert changed.returncode == 2
+    assert changed.stderr == ("error: --learning_rate 0.5: this run was started with --learning_rate 0.002, and a "
+                              "resumed run keeps its settings; drop --learning_rate or start a new --output_dir\n")
+    assert latest_checkpoint(out) == stopped_at
+
+    resumed = subprocess.run([sys.executable, *shlex.split(printed)[1:]], cwd=REPO, capture_output=True, text=True,
+                             env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {stopped_at}" in resumed.stdout
-    final_state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
-    assert final_state["global_step"] == step + 2
-    assert (out / "final" / "adapter_model.safetensors").is_file()
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == 30 and state["train_batch_size"] == 1
+    plan = json.loads((out / "run_config.json").read_text())["batch_plan"]
+    assert (plan["micro_batch"], plan["accumulation"]) == (1, 1)
+    assert len(list(out.glob("checkpoint-*"))) <= 2  # --save_total_limit 2
+    adapter = (out / "final" / "adapter_model.safetensors").read_bytes()
+
+    again = subprocess.run([sys.executable, *shlex.split(printed)[1:]], cwd=REPO, capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode == 0 and "already finished training" in again.stdout
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_deepred_train_resume_command_restores_the_recorded_settings(tiny_model, tmp_path, capsys):
+    """`deepred train ... --resume_latest` with no other flag: batch, schedule, LoRA, sample come from the record."""
+    from transformers import TrainerCallback
+
+    from deepred.cli import main
+
+    class StopAtStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a user's Ctrl-C or a scheduler would
+
+    out = tmp_path / "run"
+    said: list[str] = []
+    cfg = TrainConfig(base_model="tiny", dataset=str(DATA / "mini.jsonl"), output_dir=str(out), max_steps=5,
+                      batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-3, lora_r=4, lora_alpha=8,
+                      max_samples=10, val_split=0.2, save_steps=100, profile="reference")
+    result = train(cfg, log=said.append, callbacks=(StopAtStepTwo(),))
+    assert result.interrupted
+    printed = next(line for line in said if "Resume with: " in line).split("Resume with: ")[1]
+    assert printed == f"deepred train --output_dir {out} --resume_latest"
+
+    assert main(shlex.split(printed)[1:]) == 0
+    said_now = capsys.readouterr().out
+    assert "resuming with the run's recorded settings" in said_now
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and state["train_batch_size"] == 2
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert recorded["config"]["learning_rate"] == 3e-3 and recorded["examples_used"] == 10
+    assert recorded["batch_plan"]["accumulation"] == 2 and recorded["batch_plan"]["gradient_checkpointing"]
 
 
 def test_checkpoint_from_another_base_model_is_refused(trained_run):

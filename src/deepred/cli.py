@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -75,7 +76,8 @@ def cmd_make_smollm2_model(args) -> int:
 def cmd_train(args) -> int:
     from .train import train
 
-    result = train(C.resolve(C.TrainConfig, args))
+    given = set(vars(args)) & {f.name for f in dataclasses.fields(C.TrainConfig)}
+    result = train(C.resolve(C.TrainConfig, args), given=given, command=args.invoked_as)
     return 130 if result.interrupted else 0
 
 
@@ -240,15 +242,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         func, help_text, config_cls, setup = COMMANDS[only]
         parser = argparse.ArgumentParser(description=help_text)
         _fill(parser, config_cls, setup)
-        parser.set_defaults(func=func)
+        parser.set_defaults(func=func, invoked_as=f"python {_script_path()}")
         return parser
     parser = argparse.ArgumentParser(prog="deepred", description="Deep Red persona fine-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text, config_cls, setup) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _fill(p, config_cls, setup)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, invoked_as=f"deepred {name}")
     return parser
+
+
+def _script_path() -> str:
+    """scripts/finetune_theme.py as the user can type it from here (relative when below the current folder)."""
+    script = os.path.abspath(sys.argv[0])
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else script
 
 
 def _fill(parser, config_cls, setup) -> None:

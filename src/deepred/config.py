@@ -74,6 +74,7 @@ class TrainConfig(Checked):
     max_seq_length: int = opt(1024, "longest example in tokens; longer ones are truncated (and reported)")
     gradient_accumulation_steps: int = opt(4, "micro-steps per optimizer step; effective batch = batch_size x this")
     save_steps: int = opt(500, "checkpoint every N optimizer steps")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints (default: all)")
     eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps")
     val_split: float = opt(0.1, "fraction of examples held out for validation (0 disables)")
     lora_r: int = opt(32, "LoRA rank")
@@ -108,7 +109,8 @@ class MergeConfig(Checked):
     dtype: str = opt("auto", "dtype of the merged weights (auto: the base model's own)",
                      choices=["auto", "float16", "bfloat16", "float32"])
     verify: bool = opt(False, "check merged logits against base+adapter and generate one reply")
-    force: bool = opt(False, "merge even if --base_model differs from the adapter's recorded base")
+    force: bool = opt(False, "merge even if --base_model differs from the adapter's recorded base, and replace an "
+                             "--output_path that holds something other than an earlier merge")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
 
 
@@ -118,6 +120,7 @@ class ConvertConfig(Checked):
     output_path: str = opt("", "GGUF file to write", required=True)
     quant_type: str = opt("q4_k_m", "GGUF type; the list below says what each one gives", choices=list(QUANT_TYPES))
     check: bool = opt(True, "run the parity check against the HF model after converting (--no-check skips it)")
+    force: bool = opt(False, "replace an --output_path that is not a GGUF file")
 
 
 @dataclass
@@ -337,3 +340,5 @@ class RunConfig(TrainConfig):
     deploy: bool = opt(False, "copy the first GGUF into LM Studio and load it")
     name: str = opt("deepred", "LM Studio model name for --deploy")
     models_dir: str | None = opt(None, "LM Studio models folder for --deploy")
+    force: bool = opt(False, "deploy over a different model of the same --name, and write into an --output_dir that "
+                             "is not a deepred run folder")

@@ -33,6 +33,7 @@ CHUNK_SIZE = 8 * 1024 * 1024
 SYSTEM_LMS = "/opt/lm-studio/bin/lms"  # where the specification's LM Studio install keeps lms
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
+LMS_LOAD_TIMEOUT_S = 300.0  # loading a 14B q4_k_m from a slow disk takes a minute or two; a hung lms never ends
 # The specification's manual test (and `deepred eval`'s default) sends this system prompt.
 SYSTEM_PROMPT = "You are Deep Red."
 SAMPLE_QUESTION = "What is the purpose of our Mars mission?"
@@ -307,6 +308,9 @@ def deploy(cfg: DeployConfig, log: Log = print) -> Path:
     except OSError as exc:
         raise _os_error(exc, folder) from exc
 
+    if _same_file(src.parent, folder):
+        raise DeepRedError(f"{src} is inside the folder it would be deployed to ({folder}): the output would be its "
+                           "own input; deploy a GGUF from outside LM Studio's models folder")
     if existing.different and not cfg.force:
         other, other_sha = existing.different[0]
         detail = f"sha256 {other_sha[:12]}" if len(other_sha) == 64 else other_sha
@@ -320,10 +324,7 @@ def deploy(cfg: DeployConfig, log: Log = print) -> Path:
     if existing.identical and not existing.different:
         target = next((p for p in existing.identical if p.name == filename), existing.identical[0])
         log(f"already deployed: {target} is identical (sha256 {sha[:12]}); nothing copied")
-        log("to load it in LM Studio, run:")
-        log(f"  {shlex.join(lms_load_args(lms_for_display, name, target.name))}")
-        _print_usage(log, name, loaded=False)
-        return target
+        return _load(cfg, lms, lms_for_display, name, target, log)  # a load that failed before is tried again
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -351,7 +352,11 @@ def deploy(cfg: DeployConfig, log: Log = print) -> Path:
     except OSError as exc:
         raise _os_error(exc, folder) from exc
     log(f"deployed {target} ({_human(size)}, sha256 {sha[:12]}, verified)")
+    return _load(cfg, lms, lms_for_display, name, target, log)
 
+
+def _load(cfg: DeployConfig, lms: str | None, lms_for_display: str, name: str, target: Path, log: Log) -> Path:
+    """`lms load` the deployed file, or say how to."""
     args = lms_load_args(lms_for_display, name, target.name)
     if not cfg.load or not lms:
         reason = "--no-load given" if not cfg.load else (
@@ -364,7 +369,11 @@ def deploy(cfg: DeployConfig, log: Log = print) -> Path:
 
     log(f"loading: {shlex.join(args)}")
     try:
-        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                                timeout=LMS_LOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise LmsLoadError(f"lms load did not finish within {LMS_LOAD_TIMEOUT_S:.0f} s (is LM Studio running and "
+                           f"responding?); the model is deployed at {target}, load it with: {shlex.join(args)}") from exc
     except OSError as exc:
         raise LmsLoadError(f"cannot run {lms}: {exc.strerror or exc}; the model is deployed at {target}, "
                            f"load it with: {shlex.join(args)}") from exc

@@ -1085,18 +1085,20 @@ def load_causal_lm(path: str, lora_path: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .tinymodel import resolve_base_model
+    from .train import _from_pretrained
 
-    folder = Path(resolve_base_model(path)).expanduser()
-    if not (folder / "config.json").is_file():
-        raise DeepRedError(f"model folder not found or incomplete: {path} (needs config.json); "
-                           "pass a Hugging Face model folder, e.g. output/merged-deepred")
+    name = resolve_base_model(path)  # a local folder, a built-in name or a hub name, as for training
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise DeepRedError(f"{path} is not a model folder (no config.json); pass a Hugging Face model folder such as "
+                           "output/merged-deepred or a hub name")
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise DeepRedError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from exc
+        tokenizer = _from_pretrained(AutoTokenizer, name)
+        model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
+    except ValueError as exc:
+        raise DeepRedError(f"cannot load the model {path}: {str(exc).splitlines()[0]}") from exc
     if lora_path:
         model = _apply_lora(model, lora_path)
     if tokenizer.pad_token is None:

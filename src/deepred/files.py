@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import DeepRedError
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     path = Path(path)
@@ -19,3 +21,19 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def refuse_output_over_inputs(output: str | Path, inputs: dict[str, str | Path | None], flag: str) -> None:
+    """An output that is, contains or lies inside one of the command's inputs would destroy it: one clear line.
+    Inputs that are not paths here (hub names) cannot clash."""
+    out = Path(output).expanduser().resolve()
+    for label, given in inputs.items():
+        source = Path(given).expanduser() if given else None
+        if source is None or not source.exists():
+            continue
+        source = source.resolve()
+        relation = ("is" if out == source else "lies inside" if source in out.parents
+                    else "contains" if out in source.parents else None)
+        if relation:
+            raise DeepRedError(f"{flag} {output} {relation} the {label} {given}; writing there would destroy it: "
+                               f"choose another {flag}")

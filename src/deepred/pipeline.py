@@ -21,12 +21,12 @@ from typing import Callable
 
 from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig)
 from .errors import DeepRedError
-from .files import write_json
+from .files import refuse_output_over_inputs, write_json
 
 MANIFEST = "manifest.json"
 # Training settings that change what is learned; output and resume locations do not.
 TRAIN_KEYS_IGNORED = {"output_dir", "resume_from_checkpoint", "resume_latest", "wandb", "logging_steps", "save_steps",
-                      "eval_steps", "profile", "micro_batch_size"}
+                      "eval_steps", "save_total_limit", "profile", "micro_batch_size"}
 
 
 class StageFailed(DeepRedError):
@@ -138,7 +138,9 @@ def _train(run: Run, previous: dict) -> dict:
                         outputs={"train_dir": str(train_dir)})
     settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)}
     settings.update(output_dir=str(train_dir), resume_latest=resume)
-    result = train(TrainConfig(**settings), log=run.log)
+    # On resume the settings outside the training fingerprint (batch plan, logging) come from the run's record.
+    given = {f.name for f in dataclasses.fields(TrainConfig)} - TRAIN_KEYS_IGNORED
+    result = train(TrainConfig(**settings), log=run.log, given=given, command=None)
     if result.interrupted:
         run.manifest.record("train", status="interrupted")
         raise StageFailed(f"training was interrupted; run the same `deepred run` command again to resume from "
@@ -156,7 +158,8 @@ def _merge(run: Run, previous: dict) -> dict:
 
     out = run.run_dir / "merged-deepred"
     merge(MergeConfig(base_model=run.base_model, lora_path=str(run.path("train", "adapter")), output_path=str(out),
-                      dtype=run.cfg.merge_dtype, trust_remote_code=run.cfg.trust_remote_code), log=run.log)
+                      dtype=run.cfg.merge_dtype, trust_remote_code=run.cfg.trust_remote_code, force=True),
+          log=run.log)  # force: the run folder's merged-deepred/ is this pipeline's own output
     return {"merged": str(out)}
 
 
@@ -170,8 +173,9 @@ def _convert(run: Run, previous: dict) -> dict:
     outputs = {}
     for quant in run.cfg.quant_types:
         target = run.run_dir / run.gguf_name(quant)
+        # a quantised type's lossless intermediate is held to the strict bound here; the check stage does the rest
         convert(ConvertConfig(model_path=str(run.path("merge", "merged")), output_path=str(target), quant_type=quant,
-                              check=False), log=run.log)
+                              check=run.cfg.check), log=run.log, check_final=False)
         outputs[quant] = str(target)
     return outputs
 
@@ -256,7 +260,8 @@ def _deploy(run: Run, previous: dict) -> dict:
     if not run.cfg.deploy:
         return {}
     first = run.outputs["convert"][run.cfg.quant_types[0]]
-    deployed = deploy(DeployConfig(gguf=first, name=run.cfg.name, models_dir=run.cfg.models_dir), log=run.log)
+    deployed = deploy(DeployConfig(gguf=first, name=run.cfg.name, models_dir=run.cfg.models_dir,
+                                   force=run.cfg.force), log=run.log)
     return {"deployed": str(deployed)}
 
 
@@ -296,10 +301,26 @@ def _outputs_hash(outputs: dict) -> str:
     return fingerprint({name: hash_path(Path(p)) for name, p in sorted(outputs.items()) if not name.endswith("_dir")})
 
 
+def _check_run_folder(cfg: RunConfig, run_dir: Path) -> None:
+    """The run folder may hold only this pipeline's own outputs: never its inputs, never someone else's files."""
+    from .data import resolve_dataset
+    from .smollm2 import SMOLLM2_NAME
+    from .tinymodel import TINY_NAME
+
+    base = None if cfg.base_model in (TINY_NAME, SMOLLM2_NAME) else cfg.base_model  # built-ins live in the cache
+    dataset, _ = resolve_dataset(cfg.dataset)
+    refuse_output_over_inputs(run_dir, {"base model": base, "dataset": dataset, "evaluation prompts": cfg.eval_prompts},
+                              "--output_dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST).is_file() and not cfg.force:
+        raise DeepRedError(f"--output_dir {run_dir} holds files that are not a `deepred run` folder (no {MANIFEST}); "
+                           "choose an empty or new folder, or add --force to write there anyway")
+
+
 def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Run:
     if from_stage and from_stage not in STAGES:
         raise DeepRedError(f"--from {from_stage}: unknown stage; choose one of {', '.join(STAGES)}")
     run_dir = Path(cfg.output_dir or RunConfig.output_dir)
+    _check_run_folder(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, Manifest.load(run_dir), log)
     forced_from = STAGES.index(from_stage) if from_stage else len(STAGES)

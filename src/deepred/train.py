@@ -24,6 +24,10 @@ from .files import write_json
 from .tinymodel import resolve_base_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# Settings a resumed run may change (where and how often it logs and saves); every other setting is restored from
+# run_config.json, and giving a different value for one of them on resume is refused.
+RESUME_FREE_SETTINGS = {"output_dir", "resume_from_checkpoint", "resume_latest", "wandb", "logging_steps",
+                        "save_steps", "eval_steps", "save_total_limit"}
 
 # LoRA targets by architecture: every attention and MLP projection. Unknown families use PEFT's "all-linear".
 LORA_TARGETS = {
@@ -92,6 +96,57 @@ def _choose_output_dir(cfg: TrainConfig, log) -> Path:
             log(f"--resume_latest without --output_dir: using the newest run {newest}")
             return newest
     return default_output_dir()
+
+
+def _resuming(cfg: TrainConfig) -> bool:
+    return bool(cfg.resume_from_checkpoint or cfg.resume_latest)
+
+
+def _recorded_run(cfg: TrainConfig, output_dir: Path) -> dict | None:
+    """run_config.json of the run being resumed (in --output_dir, or beside --resume_from_checkpoint)."""
+    folder = Path(cfg.resume_from_checkpoint).parent if cfg.resume_from_checkpoint else output_dir
+    path = folder / "run_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resumed_config(cfg: TrainConfig, given: set[str], recorded: dict, log) -> TrainConfig:
+    """The run's recorded settings, with the logging/saving settings the user gave now.
+
+    A resumed run must be the run that was interrupted: batch plan, length, schedule, LoRA, data sample, split and
+    seed come from run_config.json. Giving one of them with a different value is refused, naming both values.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: v for k, v in recorded.get("config", {}).items() if k in fields}
+    settings["dataset"] = recorded.get("dataset") or settings.get("dataset")  # the file it trained on
+    for name in sorted(given - RESUME_FREE_SETTINGS):
+        if name in settings and name != "dataset" and _differs(getattr(cfg, name), settings[name]):
+            raise DeepRedError(f"--{name} {_shown(getattr(cfg, name))}: this run was started with --{name} "
+                               f"{_shown(settings[name])}, and a resumed run keeps its settings; drop --{name} or "
+                               "start a new --output_dir")
+    if "dataset" in given and cfg.dataset:
+        settings["dataset"] = cfg.dataset  # its content is checked against the recorded hash
+    changed = [f"{name} {_shown(settings.get(name))} -> {_shown(getattr(cfg, name))}"
+               for name in sorted(given & RESUME_FREE_SETTINGS - {"output_dir", "resume_latest", "resume_from_checkpoint"})
+               if name in settings and _differs(getattr(cfg, name), settings[name])]
+    settings.update({name: getattr(cfg, name) for name in given & RESUME_FREE_SETTINGS})
+    settings.update(output_dir=cfg.output_dir, resume_latest=cfg.resume_latest,
+                    resume_from_checkpoint=cfg.resume_from_checkpoint)
+    log("resuming with the run's recorded settings (run_config.json)"
+        + (f"; for the rest of the run: {', '.join(changed)}" if changed else ""))
+    return TrainConfig(**settings)
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) != float(b)
+    return a != b
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _resume_point(cfg: TrainConfig, output_dir: Path, base_model: str, data_hash: str, log) -> str | None:
@@ -398,7 +453,11 @@ def _callbacks():
 # the training flow
 
 
-def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
+def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = None,
+          command: str | None = "deepred train") -> TrainResult:
+    """Train; `given` names the settings the user typed (None: all of them, as from code). On resume the rest come
+    from the run's run_config.json. `command` is how the user started training, for the printed resume command
+    (None: the caller explains how to resume)."""
     from accelerate import PartialState
 
     hw = detect_hardware(cfg.precision)
@@ -406,11 +465,21 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     state = PartialState(cpu=hw.device == "cpu")
     if not state.is_main_process:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
+    output_dir = _agree_across_ranks(state, _choose_output_dir(cfg, log))
+    recorded = _recorded_run(cfg, output_dir) if _resuming(cfg) else None
+    if recorded:
+        cfg = resumed_config(dataclasses.replace(cfg, output_dir=str(output_dir)),
+                             {f.name for f in dataclasses.fields(TrainConfig)} if given is None else given,
+                             recorded, log)
+        finished = _finished(output_dir)
+        if finished is not None:
+            log(f"{output_dir} already finished training (final/ holds its adapter); nothing to resume")
+            return finished
+    hw = detect_hardware(cfg.precision)
     report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
     _quiet_dataset_maps()
 
     base_model = resolve_base_model(cfg.base_model)
-    output_dir = _agree_across_ranks(state, _choose_output_dir(cfg, log))
     if state.is_main_process:
         _ensure_writable(output_dir)
     resume = _resume_point(cfg, output_dir, base_model, data_hash, log)
@@ -455,8 +524,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             resume = str(checkpoint) if checkpoint else resume
     if stopper.requested:
         checkpoint = latest_checkpoint(output_dir)
-        log(f"\n{stopper.requested}: stopped at step {trainer.state.global_step}; checkpoint {checkpoint}. "
-            f"Resume with: {_resume_command(cfg, output_dir)}")
+        log(f"\n{stopper.requested}: stopped at step {trainer.state.global_step}; checkpoint {checkpoint}."
+            + (f" Resume with: {command} --output_dir {output_dir} --resume_latest" if command else ""))
         return TrainResult(output_dir, None, {}, interrupted=True)
 
     metrics = dict(outcome.metrics)
@@ -597,6 +666,7 @@ def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, outp
         logging_first_step=True,
         save_strategy="steps",
         save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if eval_set is not None else "no",
         eval_steps=cfg.eval_steps,
         seed=cfg.seed,
@@ -708,11 +778,15 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _resume_command(cfg: TrainConfig, output_dir: Path) -> str:
-    parts = ["deepred train", f"--base_model {cfg.base_model}", f"--output_dir {output_dir}", "--resume_latest"]
-    if cfg.dataset:
-        parts.insert(2, f"--dataset {cfg.dataset}")
-    return " ".join(parts)
+def _finished(output_dir: Path) -> TrainResult | None:
+    final_dir = output_dir / "final"
+    if not (final_dir / "adapter_model.safetensors").is_file():
+        return None
+    try:
+        metrics = json.loads((output_dir / "train_results.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    return TrainResult(output_dir, final_dir, metrics)
 
 
 def next_commands(base_model: str, final_dir: Path) -> str:
