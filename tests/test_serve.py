@@ -224,12 +224,14 @@ def test_evaluate_through_the_server(gguf_file, merged_model, tmp_path):
     assert (tmp_path / "eval" / "report.html").is_file()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
 def test_the_server_child_ends_with_its_interrupted_parent(gguf_file, merged_model, signum):
     """A pipeline or evaluation that is interrupted (Ctrl-C, a scheduler's SIGTERM, a kill) leaves no server behind."""
     import os
 
-    script = ("import sys, time\nfrom pathlib import Path\nfrom deepred.serve import start_server\n"
+    # Ctrl-C as in a terminal: a job started in the background by a shell inherits SIGINT ignored, so restore it.
+    script = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "from pathlib import Path\nfrom deepred.serve import start_server\n"
               f"server = start_server({{'deepred': Path({str(gguf_file(merged_model, 'q4_k_m'))!r})}}, n_ctx=256)\n"
               "print(server.process.pid, flush=True)\nwith server:\n    time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
