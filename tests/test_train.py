@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import replace as dataclasses_replace
 from types import SimpleNamespace
 

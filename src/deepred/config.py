@@ -277,20 +277,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 
 
 def resolve(cls: type, *sources: dict[str, Any] | argparse.Namespace | None):
-    """Build `cls` from sources, later ones winning (YAML first, then the command line)."""
+    """Build `cls` from sources, later ones winning (YAML first, then the command line); `Checked` types them."""
     names = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for source in sources:
         if source is None:
             continue
         items = vars(source) if isinstance(source, argparse.Namespace) else source
-        for key, value in items.items():
-            if key in names:
-                values[key] = value
-    for key, value in values.items():
-        if _base_type(hints[key]) is list and isinstance(value, str):
-            values[key] = _parse_list(value)
+        values.update({key: value for key, value in items.items() if key in names})
     return cls(**values)
 
 

@@ -337,6 +337,9 @@ def lossless_intermediate(config: dict) -> str:
     return LOSSLESS_TYPE.get(dtype, "f32")
 
 
+FALLBACK_SUMMARY = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
 def quantize(source: Path, out: Path, quant_type: str, log=print) -> None:
     """llama.cpp's llama_model_quantize (what the llama-quantize tool calls)."""
     import llama_cpp
@@ -355,9 +358,6 @@ def quantize(source: Path, out: Path, quant_type: str, log=print) -> None:
         log(f"{quant_type}: {fallback.group(1)} of {fallback.group(2)} tensors have rows that are not a multiple of "
             "256, so llama.cpp stored them in a block type that fits (q5_0/q8_0); the file is larger than a pure "
             f"{quant_type}")
-
-
-FALLBACK_SUMMARY = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
 
 
 @contextlib.contextmanager
