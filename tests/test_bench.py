@@ -1,4 +1,5 @@
-"""`deepred bench --shape tiny`: both profiles train on the same data and the ratio is reported."""
+"""`deepred bench --shape tiny`: every profile trains the same examples in the same order; medians, spread, loss
+curves and the profiler's top operations are reported."""
 
 from __future__ import annotations
 
@@ -7,17 +8,32 @@ import json
 from deepred.cli import main
 
 
-def test_bench_tiny_prints_both_profiles_and_the_ratio(tmp_path, capsys, tiny_model):
+def test_bench_tiny_compares_profiles_on_the_same_examples(tmp_path, capsys, tiny_model):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--shape", "tiny", "--examples", "16", "--mean_tokens", "100", "--steps", "1",
-                 "--batch_size", "1", "--gradient_accumulation_steps", "2", "--output", str(out)])
+    code = main(["bench", "--shape", "tiny", "--examples", "16", "--mean_tokens", "100", "--steps", "2",
+                 "--batch_size", "2", "--gradient_accumulation_steps", "2", "--repeats", "2", "--trace",
+                 "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| reference |" in printed and "| fast |" in printed
-    assert "ratio (fast / reference):" in printed and printed.strip().endswith("x")
+    assert "ratio (fast / reference, medians):" in printed and printed.strip().endswith("x")
     report = json.loads(out.read_text())
-    assert [r["profile"] for r in report["results"]] == ["reference", "fast"]
+    assert [(r["profile"], r["repeat"]) for r in report["results"]] == [
+        ("reference", 0), ("fast", 0), ("reference", 1), ("fast", 1)]  # interleaved
     for row in report["results"]:
-        assert row["tokens_per_second"] > 0 and row["steps"] == 1 and row["tokens"] > 0
-    assert report["ratio"] == round(report["results"][1]["tokens_per_second"]
-                                    / report["results"][0]["tokens_per_second"], 2)
+        assert row["tokens_per_second"] > 0 and row["steps"] == 2 and len(row["losses"]) == 3
+    summary = report["summary"]
+    # the same examples in the same timed window: the same number of real tokens, whatever the batch layout
+    assert summary["reference"]["tokens"] == summary["fast"]["tokens"] and len(summary["fast"]["tokens"]) == 1
+    speeds = sorted(r["tokens_per_second"] for r in report["results"] if r["profile"] == "fast")
+    assert summary["fast"]["median_tokens_per_second"] == round(sum(speeds) / 2, 1)  # median of two
+    assert (summary["fast"]["min_tokens_per_second"], summary["fast"]["max_tokens_per_second"]) == tuple(speeds)
+    # same initial weights, same examples: the loss curves differ only by dropout and the order of additions
+    assert summary["fast"]["max_loss_gap_vs_reference"] < 0.05
+    assert report["ratio"] == round(summary["fast"]["median_tokens_per_second"]
+                                    / summary["reference"]["median_tokens_per_second"], 2)
+    traced = [r for r in report["results"] if r["trace"]]
+    assert [(r["profile"], r["repeat"]) for r in traced] == [("reference", 0), ("fast", 0)]
+    assert all(op["calls"] > 0 and op["self_ms"] >= 0 for op in traced[0]["trace"])
+    assert report["results"][0]["batch_plan"]["loss"] == "trl" and report["results"][1]["batch_plan"]["loss"] == "supervised"
+    assert report["model_flops_per_token"] > 0 and report["results"][0]["mfu"] is None  # no GPU peak on a CPU

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from deepred.config import TrainConfig  # noqa: E402
-from deepred.train import train  # noqa: E402
+from deepred.train import _liger_available, train  # noqa: E402
 
 from .conftest import DATA  # noqa: E402
 
@@ -33,3 +33,31 @@ def test_fast_profile_runs_whole_effective_batch_on_gpu(tmp_path, tiny_model):
     train(cfg, log=lambda *a, **k: None)
     plan = json.loads((tmp_path / "fast" / "run_config.json").read_text())["batch_plan"]
     assert plan["micro_batch"] == 16 and plan["accumulation"] == 1 and not plan["gradient_checkpointing"]
+    assert plan["padding_free"] and plan["loss"] == ("liger" if _liger_available() else "supervised")
+
+
+def test_supervised_loss_on_a_bf16_gpu_model_is_trls(tmp_path, tiny_model):
+    """The fast profile's loss (Liger's fused loss where installed) against TRL's on the same bf16 batch; the
+    hidden state the final norm hands back is cast to the head's dtype first."""
+    from trl import SFTTrainer
+
+    from deepred import train as T
+    from deepred.chat_template import ChatFormat, tokenize_examples
+    from deepred.data import load_for_training
+
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path),
+                      batch_size=4, gradient_accumulation_steps=1, val_split=0, max_steps=1, lora_dropout=0)
+    hw = T.detect_hardware()
+    report, _ = load_for_training(cfg.dataset, False, lambda *a: None)
+    tokenizer = T.load_tokenizer(str(tiny_model), False)
+    rows = T.truncate_rows(tokenize_examples(report.examples, ChatFormat.of(tokenizer)), 1024, print)
+    model = T.load_model(cfg, str(tiny_model), hw)
+    trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), T._split(rows, 0, 0)[0], None,
+                               tmp_path, T.plan_batches(cfg, hw), hw)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    with trainer.compute_loss_context_manager():
+        ours = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+        trls = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=n)
+    ours.backward()
+    assert float(ours) == pytest.approx(float(trls), rel=2e-2)  # bf16 logits: about 3 significant digits

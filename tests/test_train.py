@@ -276,7 +276,7 @@ def test_cpu_loss_equals_trl_loss_and_gradients(tiny_model, tmp_path):
     rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer))
     trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), T._split(rows, 0, 0)[0], None,
                                tmp_path, T.plan_batches(cfg, hw), hw)
-    assert type(trainer).__name__ == "CpuSFTTrainer"
+    assert type(trainer).__name__ == "DeepRedSFTTrainer"
     trainer.model.eval()  # no dropout: both passes see the same network
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     grads = []

@@ -152,7 +152,8 @@ def cmd_bench(args) -> int:
 
     bench(args.shape, tuple(args.profiles.split(",")), examples=args.examples, steps=args.steps,
           batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps, mean_tokens=args.mean_tokens,
-          max_seq_length=args.max_seq_length, output=args.output)
+          max_seq_length=args.max_seq_length, repeats=args.repeats, trace=args.trace,
+          attn_implementation=args.attn_implementation, output=args.output)
     return 0
 
 
@@ -166,6 +167,13 @@ def _setup_bench(p):
     p.add_argument("--batch_size", type=int, default=4, help="as in the spec (default: 4)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="as in the spec (default: 4)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="(default: 1024)")
+    p.add_argument("--repeats", type=int, default=1, help="run every profile N times, interleaved; medians and "
+                                                          "spread are reported (default: 1)")
+    p.add_argument("--trace", action="store_true", help="PyTorch profiler over two timed steps of each profile's first "
+                                                        "repeat: the operations that take the time, in the JSON")
+    p.add_argument("--attn_implementation", default="auto", choices=["auto", "sdpa", "flex_attention",
+                                                                     "flash_attention_2", "eager"],
+                   help="attention kernel for every profile, as train --attn_implementation (default: auto)")
     p.add_argument("--output", help="write the JSON results here")
 
 

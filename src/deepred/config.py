@@ -90,11 +90,19 @@ class TrainConfig(Checked):
     max_steps: int = opt(-1, "stop after N optimizer steps (overrides --epochs when > 0)")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: only built-in architectures)")
     skip_invalid: bool = opt(False, "train on the valid lines of a dataset with problems, reporting how many were dropped")
-    profile: str = opt("fast", "speed profile: fast (fill the GPU, fused loss), lean (low memory), reference (spec settings as written)",
+    profile: str = opt("fast", "speed profile: fast (padding-free batches, whole effective batch per pass on a GPU, fused "
+                               "loss), lean (the same with gradient checkpointing), reference (spec settings as written)",
                        choices=["fast", "lean", "reference"])
     precision: str = opt("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 autocast on CPUs with bf16 "
                                  "instructions (else fp32); or force fp32, bf16, fp16", choices=["auto", "fp32", "bf16", "fp16"])
     micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch unchanged)")
+    attn_implementation: str = opt("auto", "attention kernel: auto (sdpa; eager on ROCm), sdpa, flex_attention (skips "
+                                           "the masked blocks of padding-free batches), flash_attention_2 (needs "
+                                           "flash-attn), eager", choices=["auto", "sdpa", "flex_attention",
+                                                                          "flash_attention_2", "eager"])
+    max_tokens_per_pass: int | None = opt(None, "most tokens in one forward pass of padding-free batches; a micro-batch "
+                                                "over it runs in pieces (same gradients). Default: what the GPU memory "
+                                                "probe finds fits; no limit on a CPU")
     logging_steps: int = opt(10, "log loss every N optimizer steps")
     max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
     modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head "

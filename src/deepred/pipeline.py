@@ -25,7 +25,8 @@ from .files import refuse_output_over_inputs, write_json
 MANIFEST = "manifest.json"
 # Training settings that change what is learned; output and resume locations do not.
 TRAIN_KEYS_IGNORED = {"output_dir", "resume_from_checkpoint", "resume_latest", "wandb", "logging_steps", "save_steps",
-                      "eval_steps", "save_total_limit", "profile", "micro_batch_size"}
+                      "eval_steps", "save_total_limit", "profile", "micro_batch_size", "max_tokens_per_pass",
+                      "attn_implementation"}
 
 
 class StageFailed(DeepRedError):

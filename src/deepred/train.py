@@ -237,15 +237,26 @@ class BatchPlan:
     micro_batch: int
     accumulation: int
     gradient_checkpointing: bool
-    liger: bool
-    group_by_length: bool
+    padding_free: bool  # a micro-batch's examples run as one row, each attending only to itself
+    loss: str  # one of LOSSES
+    liger_layer_kernels: bool  # Liger's RMSNorm, SwiGLU and RoPE kernels
+    max_tokens_per_pass: int | None = None  # a padding-free micro-batch over it runs in pieces
 
     def describe(self, world_size: int) -> str:
-        return (f"micro-batch {self.micro_batch} x accumulation {self.accumulation}"
-                + (f" x {world_size} processes" if world_size > 1 else "")
-                + f" = {self.micro_batch * self.accumulation * world_size} examples per optimizer step; "
-                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
-                f"fused loss {'on' if self.liger else 'off'}, length-grouped batches {'on' if self.group_by_length else 'off'}")
+        shape = (f"micro-batch {self.micro_batch} x accumulation {self.accumulation}"
+                 + (f" x {world_size} processes" if world_size > 1 else "")
+                 + f" = {self.micro_batch * self.accumulation * world_size} examples per optimizer step")
+        layout = "padding-free (attention within each example)" if self.padding_free else "padded batches"
+        if self.max_tokens_per_pass:
+            layout += f", at most {self.max_tokens_per_pass:,} tokens per pass"
+        return (f"{shape}; {layout}; gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; "
+                f"loss: {LOSSES[self.loss]}"
+                + ("; Liger layer kernels" if self.liger_layer_kernels else ""))
+
+
+LOSSES = {"trl": "TRL's own (every position scored)",
+          "supervised": "output layer on the supervised positions only",
+          "liger": "Liger fused linear cross-entropy on the supervised positions only"}
 
 
 def _liger_available() -> bool:
@@ -257,26 +268,33 @@ def _liger_available() -> bool:
 
 
 def plan_batches(cfg: TrainConfig, hw: Hardware) -> BatchPlan:
-    """Keep the user's effective batch (batch_size x accumulation) and choose how to split it.
+    """Keep the user's effective batch (batch_size x accumulation) and choose how to compute it.
 
-    `reference` runs the specification's settings as written. `fast` puts the whole effective batch through one
-    forward pass where it fits (fewer, larger steps: a GPU at this batch size is bound by per-step overhead) and
-    fuses the LM head with the loss. `lean` does the same with gradient checkpointing for small memory.
-    Splitting an effective batch differently does not change what is learned: the loss is normalised per token
-    over the whole effective batch either way.
+    `reference` runs the specification's settings as written (TRL's trainer and loss, padded micro-batches of
+    --batch_size, gradient checkpointing). `fast` scores only the supervised positions and, on a GPU, puts the
+    whole effective batch through one padding-free forward pass (a GPU at this batch size is bound by per-step
+    overhead, and memory then follows the real tokens, not the longest example), with Liger's fused loss. `lean`
+    adds gradient checkpointing for small memory.
+    None of this changes what is learned: the loss is normalised per supervised token over the whole effective
+    batch, and packed examples never attend to each other.
     """
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process = max(1, effective // hw.world_size)
+    on_cuda = hw.device == "cuda" and not hw.rocm
+    fused = on_cuda and _liger_available() and "lm_head" not in cfg.modules_to_save
     if cfg.profile == "reference":
         micro = cfg.micro_batch_size or cfg.batch_size
-        return BatchPlan(micro, max(1, per_process // micro), True, False, False)
-    on_gpu = hw.device == "cuda"
-    micro = cfg.micro_batch_size or (per_process if on_gpu else cfg.batch_size)
+        return BatchPlan(micro, max(1, per_process // micro), True, False, "trl", False)
+    micro = cfg.micro_batch_size or (per_process if hw.device == "cuda" else cfg.batch_size)
     micro = max(1, min(micro, per_process))
     while per_process % micro:
         micro -= 1
-    liger = on_gpu and not hw.rocm and _liger_available() and not (cfg.use_4bit or cfg.use_8bit)
-    return BatchPlan(micro, per_process // micro, cfg.profile == "lean", liger, True)
+    layer_kernels = fused and not (cfg.use_4bit or cfg.use_8bit)
+    # On a CPU padded batches of 4 ran as fast as padding-free ones (SmolLM2: 221-255 vs 227 tokens/s), whose
+    # attention mask covers the whole row; a token budget needs padding-free rows to cut.
+    padding_free = hw.device == "cuda" or cfg.max_tokens_per_pass is not None
+    return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free,
+                     "liger" if fused else "supervised", layer_kernels, cfg.max_tokens_per_pass)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +346,8 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
               # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
               "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
               else torch.float32,
-              "attn_implementation": "eager" if hw.rocm else "sdpa"}
+              "attn_implementation": cfg.attn_implementation if cfg.attn_implementation != "auto"
+              else "eager" if hw.rocm else "sdpa"}
     if cfg.use_4bit or cfg.use_8bit:
         kwargs["quantization_config"] = _quantization_config(cfg, hw)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
@@ -495,14 +514,30 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
     log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}"
         + ("; output layer on the supervised positions only" if hw.device == "cpu" else ""))
 
-    examples = _sample(tokenized, cfg.max_samples, cfg.seed, log)
-    _warn_replies_cut_off(examples, cfg.max_seq_length, log)
+    examples = truncate_rows(_sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = _split(examples, cfg.val_split, cfg.seed)
     started = time.time()
     while True:
         model = load_model(cfg, base_model, hw)
+        if plan.padding_free and not keeps_packed_examples_apart(model):
+            log(f"{type(model).__name__} does not build its attention mask from packed positions; padded batches")
+            plan = dataclasses.replace(plan, padding_free=False)
         peft_config = lora_config(cfg, model)
         trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
+        try:
+            if hw.device == "cuda" and plan.padding_free and plan.max_tokens_per_pass is None:
+                plan = fit_token_budget(trainer, plan, [len(row["input_ids"]) for row in examples], log)
+        except Exception as exc:  # noqa: BLE001 - even one example does not fit: the back-off below
+            trainer.model.zero_grad(set_to_none=True)
+            smaller = _smaller_plan(plan, cfg, exc)
+            if smaller is None:
+                _raise_if_oom(exc, cfg)
+                raise
+            log(f"\nout of memory with one example per pass; retrying with {smaller.describe(hw.world_size)}")
+            plan = smaller
+            del trainer, model
+            _free_accelerator_memory()
+            continue
         if state.is_main_process:
             _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
                               len(examples))
@@ -578,12 +613,17 @@ def _sample(examples: list[dict], max_samples: int | None, seed: int, log) -> li
     return [examples[i] for i in chosen]
 
 
-def _warn_replies_cut_off(rows: list[dict], max_seq_length: int, log) -> None:
-    """Say how many examples lose their whole reply to truncation: TRL leaves them out, as they carry no loss."""
-    lost = sum(1 for row in rows if not any(row["assistant_masks"][:max_seq_length]))
-    if lost:
-        log(f"{lost} example(s) have no reply token within --max_seq_length {max_seq_length} and are left out of "
-            "training; raise --max_seq_length to keep them")
+def truncate_rows(rows: list[dict], max_seq_length: int, log) -> list[dict]:
+    """Cut tokenized rows to --max_seq_length, leaving out (and saying so) those whose whole reply is cut off: they
+    carry no loss."""
+    cut = [{key: value[:max_seq_length] for key, value in row.items()} for row in rows]
+    kept = [row for row in cut if any(row["assistant_masks"])]
+    if len(kept) < len(cut):
+        log(f"{len(cut) - len(kept)} example(s) have no reply token within --max_seq_length {max_seq_length} and are "
+            "left out of training; raise --max_seq_length to keep them")
+    if not kept:
+        raise DeepRedError(f"no example has a reply token within --max_seq_length {max_seq_length}; raise it")
+    return kept
 
 
 def _split(rows: list[dict], val_split: float, seed: int):
@@ -598,21 +638,69 @@ def _split(rows: list[dict], val_split: float, seed: int):
     return split["train"], split["test"]
 
 
-def _trainer_class(hw: Hardware):
-    """TRL's SFTTrainer; on CPU one that scores only the supervised positions.
+def supervised_loss(head, hidden, targets, kind: str, cpu_bf16: bool):
+    """Summed cross-entropy of `targets` from the final hidden states of the supervised positions only.
 
-    Without Triton, TRL's fused LM head scores every position of every sequence (system prompt and question
-    included) and adds entropy and accuracy passes. With a 150k vocabulary the LM head is most of a CPU step, so
-    scoring only the assistant tokens makes CPU training several times faster. The loss is the same: the sum of
-    token losses over the supervised positions divided by the number of supervised tokens in the effective batch.
+    The output layer is most of the cost of a step with a 150k vocabulary; scoring only the reply tokens instead of
+    every position (system prompt and question included) is the same loss for a fraction of the work.
     """
+    import torch
+
+    hidden = hidden.to(head.weight.dtype)  # a bf16 model on CUDA can hand back the final norm's float32
+    if kind == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias)
+        return loss[0] if isinstance(loss, tuple) else loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):  # as accelerate runs the body
+        logits = head(hidden)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def split_packed_batch(inputs: dict, max_tokens: int | None) -> list[dict]:
+    """A padding-free batch (one row of concatenated examples) cut at example boundaries into pieces of at most
+    `max_tokens` tokens (an example longer than that is a piece of its own). Other batches are returned whole."""
+    ids = inputs["input_ids"]
+    if not max_tokens or "position_ids" not in inputs or ids.shape[0] != 1 or ids.shape[1] <= max_tokens:
+        return [inputs]
+    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
+    total = ids.shape[1]
+    pieces, lo = [], 0
+    for start, end in zip(starts, starts[1:] + [total]):
+        if end - lo > max_tokens and start > lo:  # this example would overflow the piece: start a new one
+            pieces.append((lo, start))
+            lo = start
+    pieces.append((lo, total))
+    return [_packed_piece(inputs, lo, hi) for lo, hi in pieces]
+
+
+def _packed_piece(inputs: dict, lo: int, hi: int) -> dict:
+    import torch
+
+    piece = {key: inputs[key][:, lo:hi] for key in ("input_ids", "labels", "position_ids") if key in inputs}
+    if "cu_seq_lens_q" in inputs:  # the varlen kernels' sequence boundaries, as TRL's collator builds them
+        starts = (piece["position_ids"][0] == 0).nonzero().flatten()
+        cu = torch.cat([starts, torch.tensor([hi - lo], device=starts.device)]).to(torch.int32)
+        piece["cu_seq_lens_q"] = piece["cu_seq_lens_k"] = cu
+        piece["max_length_q"] = piece["max_length_k"] = int(cu.diff().max())
+    if "seq_idx" in inputs:
+        piece["seq_idx"] = inputs["seq_idx"][:, lo:hi] - inputs["seq_idx"][0, lo]
+    return piece
+
+
+def _trainer_class(plan: BatchPlan, hw: Hardware):
+    """TRL's SFTTrainer for the reference profile; otherwise one that scores only the supervised positions and
+    keeps each forward pass within the token budget. The loss is TRL's: the sum of token losses over the
+    supervised positions divided by the number of supervised tokens in the effective batch."""
+    import contextlib
+
     import torch
     from trl import SFTTrainer
 
-    if hw.device != "cpu":
+    if plan.loss == "trl":
         return SFTTrainer
 
-    class CpuSFTTrainer(SFTTrainer):
+    class DeepRedSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:
                 return super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -623,16 +711,37 @@ def _trainer_class(hw: Hardware):
             targets = inputs["labels"][:, 1:]  # hidden state i predicts token i+1
             mask = targets != -100
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):  # as accelerate does the body
-                logits = head(out.hidden_states[-1][:, :-1][mask])
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+            kind = plan.loss if isinstance(head, torch.nn.Linear) else "supervised"
+            loss = supervised_loss(head, out.hidden_states[-1][:, :-1][mask], targets[mask], kind,
+                                   cpu_bf16=hw.device == "cpu" and self.args.bf16)
             num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count covers all ranks
             return loss
 
-    return CpuSFTTrainer
+        max_tokens_per_pass: int | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            pieces = split_packed_batch(inputs, self.max_tokens_per_pass)
+            if len(pieces) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+            total = 0
+            for i, piece in enumerate(pieces):
+                # gradients are synchronised across processes once, with the last piece
+                last = i == len(pieces) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    total = total + super().training_step(model, piece, num_items_in_batch)
+            return total
+
+        def _track_num_input_tokens(self, inputs):
+            if "attention_mask" not in inputs and "position_ids" in inputs:  # padding-free: every token is real
+                inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+            super()._track_num_input_tokens(inputs)
+
+    return DeepRedSFTTrainer
 
 
 def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw):
@@ -651,12 +760,13 @@ def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, outp
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         weight_decay=0.0,
-        max_length=cfg.max_seq_length,
+        max_length=None,  # rows arrive cut to --max_seq_length (truncate_rows), as padding-free batches require
         assistant_only_loss=False,  # the rows carry assistant_masks from the model's own template (chat_template.py)
         packing=False,
-        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
-        pad_to_multiple_of=8 if hw.device == "cuda" else None,
-        use_liger_kernel=plan.liger,
+        padding_free=plan.padding_free,
+        train_sampling_strategy="random",  # the same examples in the same order under every profile
+        pad_to_multiple_of=8 if hw.device == "cuda" and not plan.padding_free else None,
+        use_liger_kernel=plan.liger_layer_kernels,
         optim="adamw_torch_fused" if hw.device == "cuda" else "adamw_torch",
         bf16=hw.bf16,
         fp16=hw.fp16,
@@ -681,8 +791,9 @@ def _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, outp
     )
     from transformers import PrinterCallback, ProgressCallback
 
-    trainer = _trainer_class(hw)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                 processing_class=tokenizer, peft_config=peft_config)
+    trainer = _trainer_class(plan, hw)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                       processing_class=tokenizer, peft_config=peft_config)
+    trainer.max_tokens_per_pass = plan.max_tokens_per_pass
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     return trainer
@@ -696,6 +807,72 @@ def _report_to(cfg: TrainConfig) -> str:
     except ImportError as exc:
         raise DeepRedError("--wandb needs the wandb package: pip install wandb (then `wandb login`)") from exc
     return "wandb"
+
+
+def keeps_packed_examples_apart(model) -> bool:
+    """Padding-free batches are only correct where the model builds its attention mask from the restarting
+    position ids (transformers' masking_utils, or the varlen flash-attention kernels)."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
+    return flash or hasattr(module, "create_causal_mask")
+
+
+def worst_pass_tokens(lengths: list[int], micro_batch: int) -> int:
+    """Tokens in the largest padding-free micro-batch this data can produce: its longest examples together."""
+    return sum(sorted(lengths, reverse=True)[:micro_batch])
+
+
+def choose_token_budget(worst: int, longest: int, try_pass) -> int | None:
+    """The most tokens per forward pass that fit: `try_pass(n)` runs a pass of n tokens, raising out-of-memory if
+    they do not fit. None when the worst micro-batch fits whole. Halves down to the longest example; if that does
+    not fit either, the out-of-memory error goes to the caller."""
+    tokens = worst
+    while True:
+        try:
+            try_pass(tokens)
+            return None if tokens == worst else tokens
+        except Exception as exc:  # noqa: BLE001
+            if not _is_oom(exc) or tokens <= longest:
+                raise
+            _free_accelerator_memory()
+            tokens = max(longest, tokens // 2)
+
+
+def fit_token_budget(trainer, plan: BatchPlan, lengths: list[int], log) -> BatchPlan:
+    """Memory probe before the first step: run the forward and backward pass of the worst micro-batch this data can
+    produce, and cut passes to a token budget that fits if it does not. No gradients, random state or weights are
+    changed, so training is the same as without the probe."""
+    worst, longest = worst_pass_tokens(lengths, plan.micro_batch), max(lengths)
+    budget = choose_token_budget(worst, longest, lambda n: _probe_pass(trainer, n, longest))
+    trainer.max_tokens_per_pass = budget
+    if budget:
+        log(f"memory probe: {worst:,} tokens in one pass do not fit; passes cut to {budget:,} tokens (same "
+            "gradients, more passes)")
+    return dataclasses.replace(plan, max_tokens_per_pass=budget)
+
+
+def _probe_pass(trainer, tokens: int, longest: int) -> None:
+    import torch
+
+    model = trainer.model
+    lengths = [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+    generator = torch.Generator().manual_seed(0)  # its own random numbers: training's stay untouched
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, tokens), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    inputs = trainer._prepare_inputs({"input_ids": ids, "labels": ids.clone(), "position_ids": positions})
+    was_training = model.training
+    model.eval()  # no dropout: it would draw from the training's random stream
+    try:
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, inputs, num_items_in_batch=tokens)
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        del inputs
+        _free_accelerator_memory()
 
 
 def _is_oom(exc: BaseException) -> bool:
