@@ -153,6 +153,12 @@ def test_memory_probe_finds_the_budget_under_a_memory_limit(packed_and_padded):
         T.choose_token_budget(worst, 300, limited(299))
     assert all(p.grad is None for p in packed.model.parameters())  # the probe leaves no gradients behind
 
+    # as training begins (on a GPU): the run's plan is recorded with the budget it found; here everything fits
+    plans, said = [], []
+    T._memory_probe(packed, T.plan_batches(TrainConfig(), T.Hardware("cuda", False, True, False, 1)), lengths,
+                    said.append, plans.append).on_train_begin(None, None, None)
+    assert plans[0].max_tokens_per_pass is None and packed.max_tokens_per_pass is None and not said
+
 
 def test_a_run_cut_to_a_token_budget_is_the_uncut_run(tiny_model, tmp_path):
     """Same seed, same examples: a run whose passes are cut to a small budget logs the losses of the uncut run, step

@@ -524,23 +524,12 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
             plan = dataclasses.replace(plan, padding_free=False)
         peft_config = lora_config(cfg, model)
         trainer = _build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
-        try:
-            if hw.device == "cuda" and plan.padding_free and plan.max_tokens_per_pass is None:
-                plan = fit_token_budget(trainer, plan, [len(row["input_ids"]) for row in examples], log)
-        except Exception as exc:  # noqa: BLE001 - even one example does not fit: the back-off below
-            trainer.model.zero_grad(set_to_none=True)
-            smaller = _smaller_plan(plan, cfg, exc)
-            if smaller is None:
-                _raise_if_oom(exc, cfg)
-                raise
-            log(f"\nout of memory with one example per pass; retrying with {smaller.describe(hw.world_size)}")
-            plan = smaller
-            del trainer, model
-            _free_accelerator_memory()
-            continue
-        if state.is_main_process:
-            _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
-                              len(examples))
+        record = _run_config_writer(state, output_dir, cfg, base_model, report, data_hash, lengths, hw, peft_config,
+                                    len(examples))
+        record(plan)
+        progress, stopper = _callbacks()
+        if hw.device == "cuda" and plan.padding_free and plan.max_tokens_per_pass is None:
+            trainer.add_callback(_memory_probe(trainer, plan, [len(row["input_ids"]) for row in examples], log, record))
         progress, stopper = _callbacks()
         for callback in (progress, stopper, *callbacks):
             trainer.add_callback(callback)
@@ -841,7 +830,7 @@ def choose_token_budget(worst: int, longest: int, try_pass) -> int | None:
 
 
 def fit_token_budget(trainer, plan: BatchPlan, lengths: list[int], log) -> BatchPlan:
-    """Memory probe before the first step: run the forward and backward pass of the worst micro-batch this data can
+    """Memory probe before the first step (on GPUs): run the forward and backward pass of the worst micro-batch this data can
     produce, and cut passes to a token budget that fits if it does not. No gradients, random state or weights are
     changed, so training is the same as without the probe."""
     worst, longest = worst_pass_tokens(lengths, plan.micro_batch), max(lengths)
@@ -851,6 +840,18 @@ def fit_token_budget(trainer, plan: BatchPlan, lengths: list[int], log) -> Batch
         log(f"memory probe: {worst:,} tokens in one pass do not fit; passes cut to {budget:,} tokens (same "
             "gradients, more passes)")
     return dataclasses.replace(plan, max_tokens_per_pass=budget)
+
+
+def _memory_probe(trainer, plan: BatchPlan, lengths: list[int], log, record):
+    """fit_token_budget when training begins: after the Trainer has turned on checkpointing and Liger's kernels,
+    which change the memory a pass needs. Out of memory there goes to train()'s back-off like any other."""
+    from transformers import TrainerCallback
+
+    class MemoryProbe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            record(fit_token_budget(trainer, plan, lengths, log))
+
+    return MemoryProbe()
 
 
 def _probe_pass(trainer, tokens: int, longest: int) -> None:
@@ -909,6 +910,16 @@ def _raise_if_oom(exc: BaseException, cfg: TrainConfig) -> None:
         raise DeepRedError(
             f"out of memory at --max_seq_length {cfg.max_seq_length}, --batch_size {cfg.batch_size}: try "
             "--max_seq_length 768 or 512, --profile lean, a smaller --micro_batch_size, or --use_4bit") from exc
+
+
+def _run_config_writer(state, output_dir, cfg, base_model, report, data_hash, lengths, hw, peft_config,
+                       examples_used: int):
+    """Writes run_config.json for a batch plan (again when the memory probe sets the token budget); rank 0 only."""
+    def record(plan: BatchPlan) -> None:
+        if state.is_main_process:
+            _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
+                              examples_used)
+    return record
 
 
 def _write_run_config(output_dir, cfg, base_model, report, data_hash, lengths, plan, hw, peft_config,
