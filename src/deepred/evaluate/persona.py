@@ -97,7 +97,7 @@ def _load(path: Path) -> Persona:
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """The data and the line of every value, keyed by its path of keys and indexes."""
+    """The data and the line of every key and list item, keyed by its path of keys and indexes."""
     import yaml
 
     try:
@@ -112,8 +112,12 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     def walk(node, where: tuple):
         lines[where] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
-            return {constructor.construct_object(k): walk(v, where + (constructor.construct_object(k),))
-                    for k, v in node.value}
+            data = {}
+            for k, v in node.value:
+                key = constructor.construct_object(k)
+                data[key] = walk(v, where + (key,))
+                lines[where + (key,)] = k.start_mark.line + 1  # "key:" names the line, even for a block below it
+            return data
         if isinstance(node, yaml.SequenceNode):
             return [walk(item, where + (i,)) for i, item in enumerate(node.value)]
         return constructor.construct_object(node)
@@ -125,7 +129,7 @@ def _dotted(where: tuple) -> str:
     text = ""
     for part in where:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "the file"
+    return text
 
 
 class _Reader:
@@ -136,7 +140,7 @@ class _Reader:
 
     def fail(self, where: tuple, problem: str) -> DeepRedError:
         line = self.lines.get(where) or self.lines.get(where[:-1]) or 1
-        return DeepRedError(f"{self.path}:{line}: {_dotted(where)}: {problem}")
+        return DeepRedError(f"{self.path}:{line}: {_dotted(where) + ': ' if where else ''}{problem}")
 
     def get(self, where: tuple, required: bool = True) -> Any:
         value = self.data
@@ -146,7 +150,8 @@ class _Reader:
             if key not in value:
                 if not required:
                     return None
-                raise self.fail(where[:i] or (), f"missing {key!r}; add it (see resources/personas/deepred.yaml)")
+                top = "" if i else " at the top level"
+                raise self.fail(where[:i], f"missing {key!r}{top}; add it (see resources/personas/deepred.yaml)")
             value = value[key]
         return value
 
