@@ -110,7 +110,8 @@ def test_evaluate_with_a_persona_writes_a_report_titled_for_it(tmp_path):
     assert report["meta"]["persona"]["title"] == "Hargreaves" and report["meta"]["persona"]["cutoff"] == 1899
     assert report["temporal_compliance"]["count"] == 16 and report["temporal_compliance"]["value"] == 1.0
     assert set(report["temporal_compliance"]["per_kind"]) == {"post_1899", "control"}
-    assert (out / "report.md").read_text().startswith("# Hargreaves evaluation\n")
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Hargreaves evaluation\n") and "knowledge up to 1899" in markdown
     html = (out / "report.html").read_text()
     assert "<title>Hargreaves evaluation</title>" in html and "<h1>Hargreaves evaluation</h1>" in html
     assert "Deep Red" not in html
@@ -198,7 +199,7 @@ def test_validate_reports_coverage_of_the_personas_system_prompts_and_categories
     assert "evaluation prompts asked in the dataset: 1 of 48 (household-01)" in out
 
 
-def test_run_takes_persona_from_yaml_and_refuses_a_bad_one_before_training(tmp_path, capsys):
+def test_run_and_demo_take_a_persona_and_refuse_a_bad_one_before_training(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("persona: butler.yaml\nevaluate: true\n")
     assert resolve_with_yaml(RunConfig, str(config), None).persona == "butler.yaml"
@@ -209,6 +210,11 @@ def test_run_takes_persona_from_yaml_and_refuses_a_bad_one_before_training(tmp_p
     err = capsys.readouterr().err
     assert "knowledge.cutoff: expected a year" in err and err.count("\n") == 1
     assert not (out / "manifest.json").exists(), "no stage may start with a bad persona file"
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--persona", str(bad), "--output_dir", str(demo)]) == 2
+    assert "knowledge.cutoff: expected a year" in capsys.readouterr().err
+    assert not (demo / "manifest.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- the package
