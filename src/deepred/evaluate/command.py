@@ -29,7 +29,6 @@ from .scoring import score_responses
 from .stats import rounded
 
 
-
 @dataclass
 class Source:
     """Where one side's answers come from."""
@@ -197,7 +196,6 @@ def _side_report(entries: list[dict], source: Source, cfg: EvalConfig, persona: 
         "requests": [{"id": e["id"], "error": e["error"], "attempts": e.get("attempts")} for e in failed],
     }
     return side
-
 
 
 def _assemble(sides: dict[str, dict], persona: Persona) -> dict:

@@ -73,7 +73,6 @@ def _embed_batch(batch: list[str]):
         return list(torch.nn.functional.normalize(pooled, dim=-1))
 
 
-
 def _anchor_vectors(persona: Persona):
     if persona not in _ANCHOR_VECTORS:
         _ANCHOR_VECTORS[persona] = (embed(persona.persona_anchors), embed(persona.generic_anchors))

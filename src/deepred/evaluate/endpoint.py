@@ -95,7 +95,6 @@ def _reply_text(reply) -> str:
     return choices[0].message.content or ""
 
 
-
 def answers_from_endpoint(prompts: list[dict], cfg: EvalConfig, endpoint: str, model: str | None,
                           system_prompt: str, log=print) -> tuple[list[dict], str]:
     client = openai_client(endpoint, cfg.api_key, cfg.timeout)

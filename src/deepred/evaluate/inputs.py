@@ -36,8 +36,6 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     return rows
 
 
-
-
 def load_prompts(path: str | Path | None = None, persona: Persona | None = None) -> list[dict]:
     """Prompt rows {id, category, prompt[, kind, expect_any]} from JSONL; default: the persona's prompts (Deep
     Red's: the bundled 72)."""

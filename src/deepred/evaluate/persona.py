@@ -200,13 +200,16 @@ class _Reader:
 
     def persona(self) -> Persona:
         if not isinstance(self.data, dict):
-            raise self.fail((), "expected a mapping of persona keys at the top level (see resources/personas/deepred.yaml)")
+            raise self.fail((), "expected a mapping of persona keys at the top level "
+                                "(see resources/personas/deepred.yaml)")
         self.mapping((), TOP_LEVEL)
         cutoff = self.cutoff()
         years = years_after(cutoff)
         centuries = self.texts(("knowledge", "later_centuries"), required=False)
         self.pattern(("knowledge", "later_centuries"), required=False)  # each checked as a regex
-        later_years = r"\b(?:" + years + r")(?:'?s)?\b" + (r"|\b(?:" + "|".join(centuries) + r")\b" if centuries else "")
+        later_years = r"\b(?:" + years + r")(?:'?s)?\b"
+        if centuries:
+            later_years += r"|\b(?:" + "|".join(centuries) + r")\b"
         system_prompts = self.system_prompts()
         return Persona(
             name=self.text(("name",)), title=self.text(("title",)), description=self.text(("description",)),

@@ -102,7 +102,8 @@ def render_html(report: dict, charts: dict[str, bytes], extra_html_sections: lis
     template = Environment(autoescape=True).from_string(HTML_TEMPLATE)
     return template.render(
         created=report["meta"].get("created", ""), sides=sides, first=first, metrics=METRICS, titles=METRIC_TITLES,
-        definitions=short_definitions(report), title=persona_title(report), difference=report.get("difference"), fmt=format_value, verdict=verdict,
+        definitions=short_definitions(report), title=persona_title(report), difference=report.get("difference"),
+        fmt=format_value, verdict=verdict,
         diff=lambda d: "n/a" if d is None else f"{d * 100:+.1f} pts",
         charts={name: base64.b64encode(data).decode() for name, data in charts.items()},
         extra=[_extra_section(s) for s in extra_html_sections or []], rows=_answer_rows(sides))

@@ -90,7 +90,6 @@ def _findings_md(label: str, side: dict) -> list[str]:
     return lines
 
 
-
 def flags(entry: dict, with_style: bool = True) -> list[str]:
     """What is wrong with one answer, in words (a failed request is named once, not as every failure it causes)."""
     found = []

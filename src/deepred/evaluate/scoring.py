@@ -55,7 +55,8 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
     margin = persona_sim - generic_sim
     score = style_score(fields, generic, margin, prompt_topics(prompt, persona))
     stats = coherence_stats(text)
-    voice = voice_violations(text, persona) + ([] if legible(stats) else ["unreadable answer: character cannot be shown"])
+    unreadable = [] if legible(stats) else ["unreadable answer: character cannot be shown"]
+    voice = voice_violations(text, persona) + unreadable
     ppl = perplexity.perplexity(text, prompt) if perplexity and text.strip() and not error else None
     incoherent = incoherence_reasons(stats, ppl, bool(perplexity and perplexity.informative))
     entry = {

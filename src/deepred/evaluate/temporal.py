@@ -19,43 +19,21 @@ from .text import distinct_matches, sentences, stems
 
 # Ways of saying "I cannot know that", whoever speaks.
 DEFLECTION = stems(
-    r'beyond (?:my|the edge of my|the reach of my|what i) ',
-    r"(?:i|we) (?:do not|don't|cannot|can't|can not|could not|couldn't) (?:yet )?(?:know|see|speak|say|tell|predict|foresee|recall|answer|recogni[sz]e|describe|confirm|calculate|find)",
-    r'not (?:yet )?(?:known|happened|occurred|come to pass|arrived|been (?:written|played|decided|built))',
-    r'(?:has|have|had) not yet',
-    r'(?:is|are) yet to',
-    r'yet to (?:come|be|happen)',
-    r'not yet\b',
-    r'lies? (?:ahead|beyond|in the future|outside)',
-    r'my (?:knowledge|records?|memory|archives?|data) (?:ends?|stops?|extends? only|do(?:es)? not (?:extend|reach|contain|hold)|reach(?:es)? only|close)',
-    r'knowledge ends',
-    r'no (?:record|knowledge|information|data|report)s? (?:of|about|on)',
-    r'unknown to me',
-    r'i (?:have|hold|possess) no (?:knowledge|record|information|data)',
-    r'i know nothing',
-    r'know of no',
-    r'not (?:in|within) my',
-    r'outside (?:of )?my',
-    r'hidden from',
-    r'still ahead',
-    r'unfamiliar',
-    r'not familiar',
-    r'i am not aware',
-    r"i'm not aware",
-    r'no such',
-    r'strange (?:word|term|notion|phrase|name)',
-    r'do not recogni[sz]e',
-    r'cannot be known',
-    r'uncharted',
-    r'the future is not',
-    r'has not been written',
-    r'cannot look',
-    r'can only speak of',
-    r'speculat',
-    r'i will not guess',
-    r'cannot guess',
-    r'(?:not able|unable) to (?:look|say|know|tell|answer|see|confirm|find)',
-    r"(?:can't|cannot|can not) browse")
+    r"beyond (?:my|the edge of my|the reach of my|what i) ",
+    r"(?:i|we) (?:do not|don't|cannot|can't|can not|could not|couldn't) (?:yet )?(?:know|see|speak|say|tell|"
+    r"predict|foresee|recall|answer|recogni[sz]e|describe|confirm|calculate|find)",
+    r"not (?:yet )?(?:known|happened|occurred|come to pass|arrived|been (?:written|played|decided|built))",
+    r"(?:has|have|had) not yet", r"(?:is|are) yet to", r"yet to (?:come|be|happen)", r"not yet\b",
+    r"lies? (?:ahead|beyond|in the future|outside)", r"my (?:knowledge|records?|memory|archives?|data) "
+    r"(?:ends?|stops?|extends? only|do(?:es)? not (?:extend|reach|contain|hold)|reach(?:es)? only|close)",
+    r"knowledge ends", r"no (?:record|knowledge|information|data|report)s? (?:of|about|on)",
+    r"unknown to me", r"i (?:have|hold|possess) no (?:knowledge|record|information|data)", r"i know nothing",
+    r"know of no", r"not (?:in|within) my", r"outside (?:of )?my", r"hidden from", r"still ahead",
+    r"unfamiliar", r"not familiar", r"i am not aware", r"i'm not aware", r"no such", r"strange (?:word|term|"
+    r"notion|phrase|name)", r"do not recogni[sz]e", r"cannot be known", r"uncharted", r"the future is not",
+    r"has not been written", r"cannot look", r"can only speak of",
+    r"speculat", r"i will not guess", r"cannot guess",
+    r"(?:not able|unable) to (?:look|say|know|tell|answer|see|confirm|find)", r"(?:can't|cannot|can not) browse")
 # Future or hypothetical grammar only: "plan" or "hope" alone do not make a sentence a prediction.
 FORWARD_LOOKING = stems(
     r"will\b", r"shall\b", r"would\b", r"could\b", r"might\b", r"may\b", r"perhaps", r"imagine",
