@@ -83,7 +83,7 @@ def test_butler_labelled_answers_are_coherent(labelled):
 
 
 def test_the_cutoff_comes_from_the_persona(butler):
-    """1950 is history to nobody here: later knowledge for the butler, and for Deep Red too; 1925 only for him."""
+    """Whether a year is later knowledge depends on the persona's cutoff: 1925 is for the butler, not for Deep Red."""
     answer = "In 1925 the family bought a wireless set."
     assert E.anachronisms(answer, "What happened?", butler) == ["1925"]
     assert E.anachronisms(answer, "What happened?") == []  # Deep Red knows 1925
