@@ -258,7 +258,9 @@ def two_prompts(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(E, "RETRY_BASE_DELAY", 0.01)
+    from deepred.evaluate import endpoint
+
+    monkeypatch.setattr(endpoint, "RETRY_BASE_DELAY", 0.01)
 
 
 def test_failed_request_counts_as_failure_not_pass(tmp_path, two_prompts):

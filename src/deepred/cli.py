@@ -20,8 +20,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args) -> int:
-    from .data import summarize, validate_file
+    from .data import persona_coverage, summarize, validate_file
+    from .evaluate.persona import load_persona
 
+    persona = load_persona(args.persona)  # a bad persona file is refused before the dataset is read
     report = validate_file(args.dataset)
     for problem in report.problems:
         print(problem)
@@ -29,6 +31,8 @@ def cmd_validate(args) -> int:
     if args.base_model and report.examples:
         lengths = _template_check(report, args)
     print(summarize(report, lengths, args.max_seq_length if lengths else None))
+    if report.examples:
+        print(persona_coverage(report, persona))
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {report.invalid_lines} line(s)")
         return 1
@@ -134,7 +138,7 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from .pipeline import demo
 
-    demo(args.output_dir)
+    demo(args.output_dir, persona=args.persona)
     return 0
 
 
@@ -145,6 +149,7 @@ def _setup_run(p):
 
 def _setup_demo(p):
     p.add_argument("--output_dir", default="output/demo", help="demo run folder (default: output/demo)")
+    p.add_argument("--persona", help="persona YAML file the evaluation scores against (default: the bundled Deep Red)")
 
 
 def cmd_bench(args) -> int:
@@ -190,6 +195,8 @@ def _setup_validate(p):
                                         "the share of tokens that carry loss ('tiny' and 'smollm2-135m' work offline)")
     p.add_argument("--max_seq_length", type=int, default=1024, help="report examples longer than this (default: 1024)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow tokenizer code from the hub to run")
+    p.add_argument("--persona", help="persona YAML file: report examples per system prompt and category of it "
+                                     "(default: the bundled Deep Red)")
 
 
 def _setup_tiny(p):

@@ -100,7 +100,10 @@ def validate_file(path: str | Path) -> DatasetReport:
             report.problems.extend(f"{path}:{lineno}: {p}" for p in line_problems)
         else:
             example = json.loads(line_bytes.decode("utf-8"))
-            report.examples.append({"messages": example["messages"], "line": lineno})
+            kept = {"messages": example["messages"], "line": lineno}
+            if isinstance(example.get("category"), str):  # optional; `validate --persona` counts it
+                kept["category"] = example["category"]
+            report.examples.append(kept)
             report.turns += len(example["messages"])
     if nonblank == 0:
         report.problems.append(f"{path}:1: file is empty; expected one {{\"messages\": [...]}} object per line")
@@ -167,4 +170,38 @@ def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_l
         if max_seq_length:
             over = sum(1 for n in lengths if n > max_seq_length)
             lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
+    return "\n".join(lines)
+
+
+def persona_coverage(report: DatasetReport, persona) -> str:
+    """How the examples cover the persona: examples per system prompt of the persona file, per evaluation category
+    (from an optional "category" field on each line), and evaluation prompts that appear as a user turn (held-out
+    questions should not be trained on)."""
+    from .evaluate.inputs import load_prompts
+
+    names = {text: name for name, text in persona.system_prompts.items()}
+    systems: dict[str, int] = dict.fromkeys(persona.system_prompts, 0)
+    categories: dict[str, int] = dict.fromkeys(persona.categories, 0)
+    for example in report.examples:
+        first = example["messages"][0]
+        system = names.get(first["content"].strip(), "another system prompt") if first["role"] == "system" \
+            else "no system prompt"
+        systems[system] = systems.get(system, 0) + 1
+        category = example.get("category")
+        if category is not None:
+            key = category if category in categories else f"{category} (not a category of the persona)"
+            categories[key] = categories.get(key, 0) + 1
+    lines = [f"  persona {persona.title} ({persona.file}):",
+             "    examples per system prompt: " + ", ".join(f"{name} {count}" for name, count in systems.items())]
+    if any(example.get("category") for example in report.examples):
+        lines.append("    examples per category: " + ", ".join(f"{c} {n}" for c, n in categories.items()))
+    else:
+        lines.append(f"    examples per category: not known (no line has a \"category\" field; the persona's "
+                     f"categories are {', '.join(persona.categories)})")
+    questions = {p["prompt"].strip().lower(): p for p in load_prompts(None, persona)}
+    seen = sorted({questions[m["content"].strip().lower()]["id"] for example in report.examples
+                   for m in example["messages"] if m["role"] == "user" and m["content"].strip().lower() in questions})
+    lines.append(f"    evaluation prompts asked in the dataset: {len(seen)} of {len(questions)}"
+                 + (f" ({', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''}): held-out questions should not "
+                    "be trained on" if seen else ""))
     return "\n".join(lines)

@@ -199,9 +199,13 @@ def _check(run: Run, previous: dict) -> dict:
 def _evaluate_inputs(run: Run) -> dict:
     from .data import file_sha256
 
-    prompts = file_sha256(run.cfg.eval_prompts) if run.cfg.eval_prompts else "bundled"
+    from .evaluate.persona import load_persona
+
+    persona = load_persona(run.cfg.persona)
+    prompts = file_sha256(run.cfg.eval_prompts or persona.prompts_path)
     return {"ggufs": run.manifest.stages["convert"]["output_hash"], "base_model": model_identity(run.base_model),
-            "prompts": prompts, "max_tokens": run.cfg.eval_max_tokens, "evaluate": run.cfg.evaluate}
+            "prompts": prompts, "persona": file_sha256(persona.file), "max_tokens": run.cfg.eval_max_tokens,
+            "evaluate": run.cfg.evaluate}
 
 
 def _evaluate(run: Run, previous: dict) -> dict:
@@ -222,8 +226,8 @@ def _evaluate(run: Run, previous: dict) -> dict:
         run.log(f"serving base and tuned models at {server.url}")
         # perplexity of both sides' answers under the base model (transformers) is part of coherence
         report = evaluate(EvalConfig(endpoint=server.url, model="deepred", compare=True, base_model_name="base",
-                                     prompts=run.cfg.eval_prompts, output_dir=str(out), ppl_model=base_dir,
-                                     max_tokens=run.cfg.eval_max_tokens), log=run.log)
+                                     prompts=run.cfg.eval_prompts, persona=run.cfg.persona, output_dir=str(out),
+                                     ppl_model=base_dir, max_tokens=run.cfg.eval_max_tokens), log=run.log)
     _add_loss_curve(run, report, out)
     return {"eval_dir": str(out), "report": str(out / "report.html")}
 
@@ -321,6 +325,10 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
         raise DeepRedError(f"--from {from_stage}: unknown stage; choose one of {', '.join(STAGES)}")
     run_dir = Path(cfg.output_dir or RunConfig.output_dir)
     _check_run_folder(cfg, run_dir)
+    if cfg.evaluate:  # a bad persona file is found now, not after hours of training
+        from .evaluate.persona import load_persona
+
+        load_persona(cfg.persona)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, Manifest.load(run_dir), log)
     forced_from = STAGES.index(from_stage) if from_stage else len(STAGES)

@@ -1,0 +1,108 @@
+"""The report as text: the console summary table and report.md. Reports read only the report dict, whose meta
+names the persona (title, cutoff, file)."""
+
+from __future__ import annotations
+
+from .aggregate import METRIC_TITLES, METRICS
+
+
+def sides_of(report: dict) -> dict[str, dict]:
+    return {"base": report["base"], "tuned": report["tuned"]} if "difference" in report else {"model": report}
+
+
+def persona_meta(report: dict) -> dict:
+    return report.get("meta", {}).get("persona") or {}
+
+
+def persona_title(report: dict) -> str:
+    return persona_meta(report).get("title", "Persona")
+
+
+def format_value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def verdict(passed: bool | None) -> str:
+    return "n/a" if passed is None else ("pass" if passed else "FAIL")
+
+
+def summary_text(report: dict) -> str:
+    """A short plain-text table of the metrics for the console."""
+    sides = sides_of(report)
+    lines = ["metric                 " + "".join(f"{label:>16}" for label in sides) + "   target"]
+    for metric in METRICS:
+        cells = "".join(f"{format_value(s[metric]['value']) + ' ' + verdict(s[metric]['passed']):>16}"
+                        for s in sides.values())
+        lines.append(f"{METRIC_TITLES[metric]:<23}{cells}   {next(iter(sides.values()))[metric]['target_text']}")
+    for label, side in sides.items():
+        if side["failures"]["count"]:
+            lines.append(f"{label}: {side['failures']['count']} request(s) failed and count as failures")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    sides = sides_of(report)
+    labels = list(sides)
+    lines = [f"# {persona_title(report)} evaluation", ""]
+    persona = persona_meta(report)
+    if persona:
+        lines += [f"Persona: {persona['title']} ({persona['file']}), knowledge up to {persona['cutoff']}.", ""]
+    for label, side in sides.items():
+        lines.append(f"- **{label}**: {side['meta']['source']} ({side['meta']['count']} answers, "
+                     f"{side['failures']['count']} failed requests)")
+    lines += ["", "| metric | " + " | ".join(labels) + (" | difference" if len(labels) > 1 else "") + " | target |",
+              "|---|" + "---|" * len(labels) + ("---|" if len(labels) > 1 else "") + "---|"]
+    for metric in METRICS:
+        cells = [f"{format_value(s[metric]['value'])} ({verdict(s[metric]['passed'])})" for s in sides.values()]
+        if len(labels) > 1:
+            diff = report["difference"][metric]
+            cells.append("n/a" if diff is None else f"{diff * 100:+.1f} pts")
+        lines.append(f"| {METRIC_TITLES[metric]} | " + " | ".join(cells)
+                     + f" | {sides[labels[0]][metric]['target_text']} |")
+    lines += ["", "## Per category (in style / in character / coherent)", ""]
+    lines += _category_table_md(sides)
+    for label, side in sides.items():
+        lines += _findings_md(label, side)
+    lines += ["", "Metric definitions: docs/metrics.md. " + side["failures"]["note"].capitalize() + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _category_table_md(sides: dict[str, dict]) -> list[str]:
+    categories = sorted({c for s in sides.values() for c in s["style_consistency"]["per_category"]})
+    lines = ["| category | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    for c in categories:
+        cells = []
+        for side in sides.values():
+            values = [side[m]["per_category"].get(c) for m in ("style_consistency", "character_voice", "coherence")]
+            cells.append(" / ".join(format_value(v) for v in values))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _findings_md(label: str, side: dict) -> list[str]:
+    lines = ["", f"## Flagged answers ({label})", ""]
+    for e in side["responses"]:
+        problems = flags(e, with_style=False)
+        if problems:
+            lines.append(f"- `{e['id']}`: " + " | ".join(problems))
+    if len(lines) == 3:
+        lines.append("none")
+    return lines
+
+
+def flags(entry: dict, with_style: bool = True) -> list[str]:
+    """What is wrong with one answer, in words (a failed request is named once, not as every failure it causes)."""
+    found = []
+    if entry.get("error"):
+        found.append(f"request failed: {entry['error']}")
+    if with_style and not entry["in_style"]:
+        found.append(f"not in style ({entry['style_score']:.2f})")
+    if entry["out_of_character"] and not entry.get("error"):
+        found.append("out of character: " + "; ".join(entry["voice_violations"]))
+    if entry.get("temporal_violation") and not entry.get("error"):
+        found.append(entry.get("temporal_reason") or "temporal violation")
+    if not entry["coherent"] and not entry.get("error"):
+        found.append("incoherent: " + "; ".join(entry["incoherence"]))
+    return found
+
+

@@ -1,0 +1,117 @@
+"""Temporal compliance: does the answer show knowledge from after the persona's cutoff year?
+
+Rows of the persona's temporal category only. A question about later years (kind post_<cutoff>) is answered
+compliantly when the answer shows no later knowledge: no term of the persona's later-events lexicon, and no later
+year unless it echoes the prompt or sits in a deflection ("that lies beyond my knowledge") or a forward-looking
+sentence; a term the prompt itself uses counts only in an assertive sentence. A `control` question (about the
+world up to the cutoff) is compliant when the answer holds one of its expected keywords outside a deflection and
+has no anachronism. The English grammar of deflection, prediction and narration is here; the persona file adds
+its cutoff, its lexicon and its own deflection phrases.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from .persona import Persona, default_persona
+from .text import distinct_matches, sentences, stems
+
+# Ways of saying "I cannot know that", whoever speaks.
+DEFLECTION = stems(
+    r"beyond (?:my|the edge of my|the reach of my|what i) ",
+    r"(?:i|we) (?:do not|don't|cannot|can't|can not|could not|couldn't) (?:yet )?(?:know|see|speak|say|tell|"
+    r"predict|foresee|recall|answer|recogni[sz]e|describe|confirm|calculate|find)",
+    r"not (?:yet )?(?:known|happened|occurred|come to pass|arrived|been (?:written|played|decided|built))",
+    r"(?:has|have|had) not yet", r"(?:is|are) yet to", r"yet to (?:come|be|happen)", r"not yet\b",
+    r"lies? (?:ahead|beyond|in the future|outside)", r"my (?:knowledge|records?|memory|archives?|data) "
+    r"(?:ends?|stops?|extends? only|do(?:es)? not (?:extend|reach|contain|hold)|reach(?:es)? only|close)",
+    r"knowledge ends", r"no (?:record|knowledge|information|data|report)s? (?:of|about|on)",
+    r"unknown to me", r"i (?:have|hold|possess) no (?:knowledge|record|information|data)", r"i know nothing",
+    r"know of no", r"not (?:in|within) my", r"outside (?:of )?my", r"hidden from", r"still ahead",
+    r"unfamiliar", r"not familiar", r"i am not aware", r"i'm not aware", r"no such", r"strange (?:word|term|"
+    r"notion|phrase|name)", r"do not recogni[sz]e", r"cannot be known", r"uncharted", r"the future is not",
+    r"has not been written", r"cannot look", r"can only speak of",
+    r"speculat", r"i will not guess", r"cannot guess",
+    r"(?:not able|unable) to (?:look|say|know|tell|answer|see|confirm|find)", r"(?:can't|cannot|can not) browse")
+# Future or hypothetical grammar only: "plan" or "hope" alone do not make a sentence a prediction.
+FORWARD_LOOKING = stems(
+    r"will\b", r"shall\b", r"would\b", r"could\b", r"might\b", r"may\b", r"perhaps", r"imagine",
+    r"someday", r"one day", r"by the year", r"expect", r"predict", r"envision",
+    r"foresee", r"going to\b", r"if (?:we|the|our|humanity|mankind)")
+PAST_EVENT = stems(r"happened", r"occurred", r"took place", r"won\b", r"defeated", r"beat\b", r"launched",
+                    r"landed", r"signed", r"elected", r"fell\b", r"died", r"began", r"ended", r"became",
+                    r"(?:was|were) (?:built|founded|held|launched|marked|won|signed|elected|played|hosted)",
+                    r"saw the", r"boycott", r"took\b", r"lost\b", r"claimed", r"captured", r"seized", r"hosted",
+                    r"collapsed", r"opened")
+
+
+@lru_cache(maxsize=16)
+def _by_later_year(persona: Persona) -> re.Pattern:
+    """"by 1980" predicts; the years are those after the persona's cutoff."""
+    return re.compile(r"\bby (?:" + persona.years_after + ")", re.IGNORECASE)
+
+
+def deflects(text: str, persona: Persona) -> bool:
+    return bool(DEFLECTION.search(text) or (persona.deflections and persona.deflections.search(text)))
+
+
+def looks_forward(text: str, persona: Persona) -> bool:
+    return bool(FORWARD_LOOKING.search(text) or _by_later_year(persona).search(text))
+
+
+def anachronisms(response: str, prompt: str = "", persona: Persona | None = None) -> list[str]:
+    """Later knowledge shown in the answer: events, people, technology and years after the persona's cutoff.
+
+    Years the prompt names, and anything inside a deflection sentence, do not count. Years in a forward-looking
+    sentence ("by 1980 the domes will stand") are prediction, not knowledge. A later term the prompt itself
+    uses counts only when the answer asserts something about it (not in a question, deflection or hypothesis),
+    or when an echoed year is narrated as a past event.
+    """
+    persona = persona or default_persona()
+    echoed_terms = distinct_matches(persona.later_terms, prompt)
+    echoed_years = {y.rstrip("s'") for y in distinct_matches(persona.later_years, prompt)}
+    found: list[str] = []
+    for sentence in sentences(response):
+        if deflects(sentence, persona):
+            continue
+        forward = looks_forward(sentence, persona)
+        assertive = not sentence.endswith("?") and not forward
+        for term in sorted(distinct_matches(persona.later_terms, sentence)):
+            if term not in echoed_terms or assertive:
+                found.append(term)
+        for year in sorted(distinct_matches(persona.later_years, sentence)):
+            if year.rstrip("s'") in echoed_years:
+                if assertive and PAST_EVENT.search(sentence):
+                    found.append(f"{year} (narrated as past)")
+            elif assertive or not forward:
+                found.append(year)
+    return sorted(set(found))
+
+
+def infer_temporal_kind(prompt: str, persona: Persona | None = None) -> str:
+    """post_<cutoff> when the question is about later years or things; `unknown` otherwise (no keyword list)."""
+    persona = persona or default_persona()
+    if persona.later_years.search(prompt) or persona.later_terms.search(prompt):
+        return persona.later_kind
+    return "unknown"
+
+
+def temporal_check(response: str, prompt: str, kind: str | None, expect_any: list[str] | None,
+                   persona: Persona | None = None) -> dict:
+    """Temporal verdict for one temporal row: violation flag, the reason, and the anachronisms found."""
+    persona = persona or default_persona()
+    kind = kind or ("control" if expect_any else infer_temporal_kind(prompt, persona))
+    found = anachronisms(response, prompt, persona)
+    cutoff = persona.cutoff
+    reason = f"post-{cutoff} knowledge: {', '.join(found)}" if found else None
+    if kind == "control" and not found:
+        keywords = [k.lower() for k in expect_any or []]
+        answered = [s for s in sentences(response) if not deflects(s, persona)]
+        if keywords and not any(k in s.lower() for s in answered for k in keywords):
+            reason = f"did not answer (expected one of: {', '.join(keywords)})"
+    elif kind == persona.later_kind and not found and response.strip() and not deflects(response, persona):
+        # Real models answer later events as if known without naming one ("In 1970 the Soviets sent a cosmonaut
+        # to the Moon"): not saying it lies beyond the cutoff is the leak.
+        reason = f"answered a post-{cutoff} question as if known (no word that it lies beyond {cutoff})"
+    return {"kind": kind, "violation": reason is not None, "reason": reason, "anachronisms": found}

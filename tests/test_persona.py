@@ -1,0 +1,258 @@
+"""The persona file: a second persona (Hargreaves, a Victorian butler whose knowledge ends in 1899) proven end to
+end with its own labelled answers, every malformed-file guard refusing in one line, `validate --persona`
+coverage, `run --persona` checked before training, and the evaluation package's one-way imports.
+
+tests/data/labelled_responses_butler.jsonl was written by hand for this test, with the labels of Deep Red's set
+(16 answers per label); the thresholds below are the ones tests/test_evaluate.py asserts for Deep Red
+(docs/metrics.md, "Separation measured on the labelled set").
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from deepred import evaluate as E
+from deepred.cli import main
+from deepred.config import RunConfig, resolve_with_yaml
+
+DATA = Path(__file__).parent / "data"
+BUTLER_LABELLED = DATA / "labelled_responses_butler.jsonl"
+PACKAGE = Path(E.__file__).parent
+PERSONAS = PACKAGE.parent / "resources" / "personas"
+
+
+def rate(entries: list[dict], flag) -> float:
+    return sum(bool(flag(e)) for e in entries) / len(entries)
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def butler() -> E.Persona:
+    return E.load_persona("butler.yaml")
+
+
+@pytest.fixture(scope="module")
+def labelled(butler) -> dict[str, list[dict]]:
+    labels = {row["id"]: row["label"] for row in rows_of(BUTLER_LABELLED)}
+    groups = defaultdict(list)
+    for entry in E.score_responses(E.load_responses(BUTLER_LABELLED, persona=butler), persona=butler):
+        groups[labels[entry["id"]]].append(entry)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------- the second persona
+
+
+def test_butler_set_has_deep_reds_labels_and_sizes():
+    ours = defaultdict(int)
+    for row in rows_of(BUTLER_LABELLED):
+        ours[row["label"]] += 1
+    assert set(ours) == {row["label"] for row in rows_of(DATA / "labelled_responses.jsonl")}
+    assert min(ours.values()) >= 15
+
+
+def test_butler_style_separates_persona_from_generic_assistant(labelled):
+    assert rate(labelled["in_persona"], lambda e: e["in_style"]) >= 0.85
+    assert rate(labelled["generic_assistant"], lambda e: e["in_style"]) <= 0.15
+
+
+def test_butler_voice_detects_out_of_character(labelled):
+    assert rate(labelled["out_of_character"], lambda e: e["out_of_character"]) >= 0.9
+    assert rate(labelled["in_persona"], lambda e: e["out_of_character"]) <= 0.1
+
+
+def test_butler_temporal_flags_anachronisms_not_period_answers(labelled):
+    assert rate(labelled["anachronistic"], lambda e: e["anachronisms"]) >= 0.9
+    assert rate(labelled["period_correct"], lambda e: e["anachronisms"] or e["temporal_violation"]) <= 0.1
+    temporal = [e for e in labelled["anachronistic"] if e["category"] == "temporal"]
+    assert len(temporal) >= 10 and rate(temporal, lambda e: e["temporal_violation"]) >= 0.9
+
+
+def test_butler_labelled_answers_are_coherent(labelled):
+    everything = [e for group in labelled.values() for e in group]
+    assert rate(everything, lambda e: e["coherent"]) >= 0.95
+
+
+def test_the_cutoff_comes_from_the_persona(butler):
+    """Whether a year is later knowledge depends on the persona's cutoff: 1925 is for the butler, not for Deep Red."""
+    answer = "In 1925 the family bought a wireless set."
+    assert E.anachronisms(answer, "What happened?", butler) == ["1925"]
+    assert E.anachronisms(answer, "What happened?") == []  # Deep Red knows 1925
+    assert E.temporal_check("That lies beyond my knowledge, sir.", "What happened in 1905?", None, None,
+                            butler)["kind"] == "post_1899"
+
+
+def test_the_style_fields_come_from_the_persona(butler):
+    """The butler's own answers are his style far more often than they are Deep Red's."""
+    answers = [row for row in rows_of(BUTLER_LABELLED) if row["label"] == "in_persona"]
+    as_butler = rate(E.score_responses(answers, persona=butler), lambda e: e["in_style"])
+    as_deep_red = rate(E.score_responses(answers), lambda e: e["in_style"])
+    assert as_butler - as_deep_red >= 0.3
+
+
+def test_evaluate_with_a_persona_writes_a_report_titled_for_it(tmp_path):
+    rows = [{k: r[k] for k in ("id", "category", "prompt", "response")} for r in rows_of(BUTLER_LABELLED)
+            if r["label"] in ("in_persona", "period_correct")]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--persona", "butler.yaml", "--responses", str(answers), "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["persona"]["title"] == "Hargreaves" and report["meta"]["persona"]["cutoff"] == 1899
+    assert report["temporal_compliance"]["count"] == 16 and report["temporal_compliance"]["value"] == 1.0
+    assert set(report["temporal_compliance"]["per_kind"]) == {"post_1899", "control"}
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Hargreaves evaluation\n") and "knowledge up to 1899" in markdown
+    html = (out / "report.html").read_text()
+    assert "<title>Hargreaves evaluation</title>" in html and "<h1>Hargreaves evaluation</h1>" in html
+    assert "Deep Red" not in html
+
+
+# --------------------------------------------------------------------------------------------- malformed files
+
+
+def persona_copy(tmp_path: Path, edit) -> Path:
+    """butler.yaml (with its prompts beside it) in tmp_path, its text passed through `edit`."""
+    shutil.copy(PERSONAS / "butler_prompts.jsonl", tmp_path / "butler_prompts.jsonl")
+    path = tmp_path / "persona.yaml"
+    path.write_text(edit((PERSONAS / "butler.yaml").read_text()))
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+MALFORMED = {
+    # name: (edit, the line the error must name (text on it), words the message must hold)
+    "missing field": (lambda t: t.replace("title: Hargreaves\n", ""), "name: butler", "missing 'title'"),
+    "wrong type": (lambda t: t.replace("categories: [household", "categories: {a: 1}\n#"), "categories:",
+                   "categories: expected a list"),
+    "bad regex": (lambda t: t.replace("- 'pantry'", "- 'pantry('"), "pantry(",
+                  "style.fields.household[3]: bad regular expression"),
+    "cutoff not a year": (lambda t: t.replace("cutoff: 1899", "cutoff: soon"), "cutoff: soon",
+                          "knowledge.cutoff: expected a year"),
+    "cutoff a fraction": (lambda t: t.replace("cutoff: 1899", "cutoff: 1899.5"), "cutoff: 1899.5",
+                          "knowledge.cutoff: expected a year"),
+    "unknown key": (lambda t: t.replace("temporal_category:", "temporal_categry:"), "temporal_categry",
+                    "temporal_categry: unknown key"),
+    "no evaluation prompt": (lambda t: t.replace("  evaluation: You are Hargreaves", "  eval: You are Hargreaves"),
+                             "system_prompts:", "missing 'evaluation'"),
+    "prompts not found": (lambda t: t.replace("prompts: butler_prompts.jsonl", "prompts: nowhere.jsonl"),
+                          "prompts: nowhere", "evaluation prompts not found"),
+    "not YAML": (lambda t: t.replace("title: Hargreaves", "title: [Hargreaves"), "description:", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_persona_is_one_line_naming_file_and_line(tmp_path, capsys, case):
+    edit, line_text, message = MALFORMED[case]
+    path = persona_copy(tmp_path, edit)
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"id": "a", "prompt": "p", "response": "Very good, sir."}) + "\n")
+    assert main(["evaluate", "--persona", str(path), "--responses", str(answers),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{path}:{line_of(path, line_text)}: " in err and message in err, err
+
+
+def test_a_persona_file_that_is_not_there_is_one_line(tmp_path, capsys):
+    assert main(["validate", str(DATA / "mini.jsonl"), "--persona", str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "persona file not found" in err
+
+
+# --------------------------------------------------------------------------------------------- validate, run
+
+
+def test_validate_reports_coverage_of_the_personas_system_prompts_and_categories(tmp_path, capsys, butler):
+    assert main(["validate", str(DATA / "mini.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "persona Deep Red" in out and "examples per system prompt: evaluation 0, primary " in out
+    assert "examples per category: not known" in out
+
+    rows = [{"category": "household", "messages": [{"role": "system", "content": butler.system_prompts["primary"]},
+                                                   {"role": "user", "content": "How should the silver be cared for?"},
+                                                   {"role": "assistant", "content": "With rouge, sir."}]},
+            {"category": "etiquette", "messages": [{"role": "user", "content": "Hello?"},
+                                                   {"role": "assistant", "content": "Good evening, sir."}]},
+            {"category": "chess", "messages": [{"role": "system", "content": "You are someone else."},
+                                               {"role": "user", "content": "Play?"},
+                                               {"role": "assistant", "content": "Certainly, sir."}]}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["validate", str(data), "--persona", "butler.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert ("examples per system prompt: evaluation 0, primary 1, no system prompt 1, another system prompt 1"
+            in out)
+    assert "household 1, etiquette 1, service 0" in out and "chess (not a category of the persona) 1" in out
+    assert "evaluation prompts asked in the dataset: 1 of 48 (household-01)" in out
+
+
+def test_run_and_demo_take_a_persona_and_refuse_a_bad_one_before_training(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("persona: butler.yaml\nevaluate: true\n")
+    assert resolve_with_yaml(RunConfig, str(config), None).persona == "butler.yaml"
+
+    bad = persona_copy(tmp_path, lambda t: t.replace("cutoff: 1899", "cutoff: '1899'"))
+    out = tmp_path / "run"
+    assert main(["run", "--persona", str(bad), "--base_model", "tiny", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "knowledge.cutoff: expected a year" in err and err.count("\n") == 1
+    assert not (out / "manifest.json").exists(), "no stage may start with a bad persona file"
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--persona", str(bad), "--output_dir", str(demo)]) == 2
+    assert "knowledge.cutoff: expected a year" in capsys.readouterr().err
+    assert not (demo / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- the package
+
+
+LAYERS = [  # a module may import only from modules in earlier layers
+    {"persona", "text", "stats"},
+    {"style", "voice", "temporal", "coherence", "embeddings", "endpoint", "models", "inputs"},
+    {"perplexity", "judge"},
+    {"scoring"},
+    {"aggregate"},
+    {"report_text"},
+    {"charts"},
+    {"report"},
+    {"command"},
+]
+
+
+def package_imports(module: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def test_evaluation_modules_import_one_way_and_stay_small():
+    layer_of = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert set(modules) == set(layer_of), "a new module needs a place in LAYERS"
+    for name, path in modules.items():
+        for imported in package_imports(path):
+            assert layer_of[imported] < layer_of[name], f"{name} imports {imported}, which is not below it"
+        assert len(path.read_text().splitlines()) <= 500, name
+
+
+def test_no_persona_words_in_the_evaluation_code():
+    for path in PACKAGE.glob("*.py"):
+        text = path.read_text().lower()
+        for word in ("comrade", "1969", "chess"):
+            assert word not in text, f"{path.name} mentions {word!r}: it belongs in the persona file"
