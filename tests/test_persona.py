@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from deepred import evaluate as E
+
+from . import test_evaluate as deep_red
 from deepred.cli import main
 from deepred.config import RunConfig, resolve_with_yaml
 
@@ -60,26 +62,15 @@ def test_butler_set_has_deep_reds_labels_and_sizes():
     assert min(ours.values()) >= 15
 
 
-def test_butler_style_separates_persona_from_generic_assistant(labelled):
-    assert rate(labelled["in_persona"], lambda e: e["in_style"]) >= 0.85
-    assert rate(labelled["generic_assistant"], lambda e: e["in_style"]) <= 0.15
-
-
-def test_butler_voice_detects_out_of_character(labelled):
-    assert rate(labelled["out_of_character"], lambda e: e["out_of_character"]) >= 0.9
-    assert rate(labelled["in_persona"], lambda e: e["out_of_character"]) <= 0.1
-
-
-def test_butler_temporal_flags_anachronisms_not_period_answers(labelled):
-    assert rate(labelled["anachronistic"], lambda e: e["anachronisms"]) >= 0.9
-    assert rate(labelled["period_correct"], lambda e: e["anachronisms"] or e["temporal_violation"]) <= 0.1
+@pytest.mark.parametrize("deep_reds_check", [
+    deep_red.test_style_separates_persona_from_generic_assistant, deep_red.test_voice_detects_out_of_character,
+    deep_red.test_temporal_flags_anachronisms_not_period_answers, deep_red.test_labelled_answers_are_coherent,
+], ids=lambda check: check.__name__[len("test_"):])
+def test_butler_detectors_separate_as_deep_reds_do(labelled, deep_reds_check):
+    """The per-label rates Deep Red's labelled set must reach, on the butler's."""
+    deep_reds_check(labelled)
     temporal = [e for e in labelled["anachronistic"] if e["category"] == "temporal"]
-    assert len(temporal) >= 10 and rate(temporal, lambda e: e["temporal_violation"]) >= 0.9
-
-
-def test_butler_labelled_answers_are_coherent(labelled):
-    everything = [e for group in labelled.values() for e in group]
-    assert rate(everything, lambda e: e["coherent"]) >= 0.95
+    assert len(temporal) >= 10
 
 
 def test_the_cutoff_comes_from_the_persona(butler):
