@@ -243,3 +243,38 @@ def test_fast_profile_on_cuda_fuses_the_loss_only_where_liger_is_installed():
     assert plan.loss == ("liger" if T._liger_available() else "supervised")
     with_head = T.plan_batches(TrainConfig(modules_to_save=["lm_head"]), T.Hardware("cuda", False, True, False, 1))
     assert with_head.loss == "supervised"  # a trained output layer is PEFT's wrapper, not a plain weight to fuse
+
+
+def saved_activation_bytes(trainer, batch: dict) -> int:
+    """Memory autograd keeps for the backward pass of the model's body, measured the same way on any device: the
+    storages of the tensors saved during one loss computation, each counted once, weights left out, and the
+    output layer's logits left out (they follow the supervised tokens, the same in both layouts)."""
+    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    vocab = trainer.model.get_output_embeddings().weight.shape[0]
+    storages = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and vocab not in tensor.shape:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=supervised)
+    return sum(storages.values())
+
+
+def test_padding_free_activation_memory_follows_the_real_tokens(packed_and_padded):
+    """A padded batch keeps activations for every padded position; a padding-free one for the real tokens only."""
+    packed, padded = packed_and_padded
+    def batch_of(trainer):  # three short examples (the last 40 tokens of a reply) and a whole one
+        rows = [trainer.train_dataset[i] for i in range(4)]
+        rows = [{key: row[key][-40:] for key in ("input_ids", "labels")} for row in rows[:3]] + rows[3:]
+        return trainer._prepare_inputs(trainer.data_collator(rows))
+
+    packed_batch, padded_batch = batch_of(packed), batch_of(padded)
+    real, padded_positions = int(padded_batch["attention_mask"].sum()), padded_batch["input_ids"].numel()
+    assert real == packed_batch["input_ids"].numel() < 0.8 * padded_positions
+    ratio = saved_activation_bytes(packed, packed_batch) / saved_activation_bytes(padded, padded_batch)
+    assert ratio == pytest.approx(real / padded_positions, rel=0.15)
