@@ -27,7 +27,7 @@ from deepred.evaluate.persona import load_persona
 
 from . import gotemplate
 
-CP, CAT = shutil.which("cp"), shutil.which("cat")  # found before the tests narrow PATH
+CP, CAT, SLEEP = shutil.which("cp"), shutil.which("cat"), shutil.which("sleep")  # before the tests narrow PATH
 SMOLLM2_TEMPLATE_SYSTEM = "You are a helpful AI assistant named SmolLM"
 PRIMARY = load_persona(None).system_prompts["primary"]
 # A Deep Red conversation: system + user + assistant + user, then the generation prompt.
@@ -309,6 +309,36 @@ def test_a_failed_create_is_one_line_with_ollamas_error(env, gguf, fake_ollama, 
     assert (env / "output" / "deepred.Modelfile").is_file()  # complete, kept for the retry the message names
 
 
+def test_ollamas_error_line_is_picked_from_its_progress_output(env, gguf, fake_ollama, capsys):
+    fake_ollama(create_exit=1, create_error="gathering model components\rcopying file sha256:1f2e 100%\r"
+                                           "Error: no space left on device")
+    assert main(["deploy", str(gguf), "--target", "ollama"]) == 1
+    err = capsys.readouterr().err
+    assert "ollama create failed (exit 1): Error: no space left on device -- " in err and "copying" not in err
+
+
+def test_a_hung_create_times_out_with_one_line(env, gguf, monkeypatch, capsys):
+    fake = FakeOllama(env / "bin")
+    fake.path.write_text(fake.path.read_text().replace('if [ "$1" = create ]; then\n',
+                                                       f'if [ "$1" = create ]; then\n  exec {SLEEP} 30\n'))
+    monkeypatch.setenv("PATH", str(fake.path.parent))
+    monkeypatch.setattr(O, "CREATE_TIMEOUT_S", 1.0)
+    assert main(["deploy", str(gguf), "--target", "ollama"]) == 1
+    err = capsys.readouterr().err
+    assert "ollama create did not finish within 1 s" in err and err.count("\n") == 1
+
+
+def test_a_folder_in_the_modelfiles_place_or_an_unwritable_system_prompt_is_refused(env, gguf, capsys):
+    (env / "output" / "deepred.Modelfile").mkdir()
+    assert main(["deploy", str(gguf), "--target", "ollama"]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    (env / "output" / "deepred.Modelfile").rmdir()
+    persona = persona_with_primary(env, 'You are Deep Red. Say """checkmate"""')
+    assert main(["deploy", str(gguf), "--target", "ollama", "--persona", str(persona)]) == 2
+    assert "which a Modelfile cannot hold" in capsys.readouterr().err
+    assert files_in(env / "output") == ["deepred.gguf"]
+
+
 def test_no_server_for_ollama_list_writes_nothing(env, gguf, fake_ollama, capsys):
     fake = fake_ollama(list_exit=1, list_error="Error: could not connect to ollama app, is it running?")
     assert main(["deploy", str(gguf), "--target", "ollama"]) == 1
@@ -364,18 +394,23 @@ def test_a_template_that_is_not_chatml_is_left_to_ollama(env, capsys):
     assert "no TEMPLATE" in capsys.readouterr().out
 
 
-def test_a_small_context_is_kept_and_a_custom_persona_gives_the_system_prompt(env, smollm2_template, tmp_path):
+def persona_with_primary(folder: Path, primary: str) -> Path:
+    """The bundled Deep Red persona with another primary system prompt (a YAML single-quoted string)."""
+    bundled = Path(load_persona(None).file)
+    text = bundled.read_text().replace(PRIMARY.replace("'", "''"), primary.replace("'", "''"))
+    text = text.replace("prompts: ../eval_prompts.jsonl", f"prompts: {bundled.parent.parent / 'eval_prompts.jsonl'}")
+    path = folder / "persona.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_small_context_is_kept_and_a_custom_persona_gives_the_system_prompt(env, smollm2_template):
     path = write_gguf(env / "short.gguf", smollm2_template, context_length=2048)
-    persona = Path(load_persona(None).file).read_text().replace(PRIMARY.replace("'", "''"), "You are the Butler.")
-    persona_file = Path(load_persona(None).file).parent / "deepred.yaml"
-    mine = tmp_path / "personas" / "mine.yaml"
-    mine.parent.mkdir()
-    mine.write_text(persona.replace("prompts: ../eval_prompts.jsonl",
-                                    f"prompts: {persona_file.parent.parent / 'eval_prompts.jsonl'}"))
-    O.deploy_ollama(DeployConfig(gguf=str(path), target="ollama", persona=str(mine), load=False), log=lambda _: None)
-    commands = dict(parse_modelfile((env / "short.Modelfile").read_text()))
-    assert commands["SYSTEM"] == "You are the Butler."
-    assert ("PARAMETER", "num_ctx 2048") in parse_modelfile((env / "short.Modelfile").read_text())
+    persona = persona_with_primary(env, "You are the Butler.")
+    O.deploy_ollama(DeployConfig(gguf=str(path), target="ollama", persona=str(persona), load=False),
+                    log=lambda _: None)
+    commands = parse_modelfile((env / "short.Modelfile").read_text())
+    assert dict(commands)["SYSTEM"] == "You are the Butler." and ("PARAMETER", "num_ctx 2048") in commands
 
 
 def _ollama_prompt(modelfile: Path, messages: list[dict]) -> str:

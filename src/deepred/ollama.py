@@ -222,6 +222,14 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _error_of(result: subprocess.CompletedProcess) -> str:
+    """Ollama's `Error: ...` line when there is one (its progress spinner shares stderr), else all it said."""
+    lines = _one_line(result.stderr).split("Error: ")
+    if len(lines) > 1:
+        return "Error: " + lines[-1]
+    return _one_line(result.stderr) or _one_line(result.stdout) or "no output"
+
+
 def _full_name(name: str) -> str:
     """How `ollama list` shows a name: with `:latest` when no tag was given, compared case-insensitively."""
     return (name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest").lower()
@@ -237,7 +245,7 @@ def existing_models(ollama: str, create: str) -> set[str]:
     except OSError as exc:
         raise OllamaError(f"cannot run {ollama}: {exc.strerror or exc}; nothing was written") from exc
     if result.returncode != 0:
-        message = _one_line(result.stderr) or _one_line(result.stdout) or "no output"
+        message = _error_of(result)
         raise OllamaError(f"`ollama list` failed (exit {result.returncode}): {message} -- is Ollama's server "
                           f"running (`ollama serve`, or the Ollama app)? Nothing was written; then deploy again")
     rows = result.stdout.splitlines()[1:]  # a header line, then NAME ID SIZE MODIFIED
@@ -255,7 +263,7 @@ def create(ollama: str, name: str, modelfile: Path, log: Log) -> None:
     except OSError as exc:
         raise OllamaError(f"cannot run {ollama}: {exc.strerror or exc}; the Modelfile is {modelfile}") from exc
     if result.returncode != 0:
-        message = _one_line(result.stderr) or _one_line(result.stdout) or "no output"
+        message = _error_of(result)
         raise OllamaError(f"ollama create failed (exit {result.returncode}): {message} -- the Modelfile is kept at "
                           f"{modelfile}; once fixed, run: {shlex.join(args)}")
     log(f"created in Ollama as '{name}'")
