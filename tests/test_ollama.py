@@ -278,7 +278,8 @@ def test_ollama_cli_path_and_ollama_host(env, gguf, monkeypatch, openai_server):
     ("0.0.0.0", "http://127.0.0.1:11434/v1"),
     ("0.0.0.0:8080", "http://127.0.0.1:8080/v1"),
     ("http://gpu-box:11434", "http://gpu-box:11434/v1"),
-    ("https://ollama.example", "https://ollama.example:11434/v1"),
+    ("https://ollama.example", "https://ollama.example:443/v1"),
+    ("gpu-box", "http://gpu-box:11434/v1"),
     ("[::1]:11500", "http://[::1]:11500/v1"),
 ])
 def test_ollama_host_forms(monkeypatch, value, url):

@@ -101,7 +101,9 @@ def base_url() -> str:
         host = DEFAULT_HOST
     if ":" in host:
         host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port or DEFAULT_PORT}/v1"
+    if port is None:  # as Ollama reads it: a bare host means 11434, a URL without a port its scheme's port
+        port = {"http": 80, "https": 443}[parts.scheme] if "://" in value else DEFAULT_PORT
+    return f"{parts.scheme}://{host}:{port}/v1"
 
 
 @dataclass
