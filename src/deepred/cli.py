@@ -245,8 +245,8 @@ _command("check-gguf", cmd_check_gguf, "compare a GGUF with its Hugging Face mod
          C.CheckConfig)
 _command("serve", cmd_serve, "serve GGUF files on an OpenAI-compatible endpoint (/v1/chat/completions)",
          C.ServeConfig, setup=_setup_serve)
-_command("deploy", cmd_deploy, "copy a GGUF into LM Studio's models folder (local/NAME/) and load it with lms",
-         C.DeployConfig)
+_command("deploy", cmd_deploy, "copy a GGUF into LM Studio's models folder (local/NAME/) and load it with lms, or "
+         "(--target ollama) write a Modelfile and ollama create it", C.DeployConfig)
 _command("evaluate", cmd_evaluate, "ask the evaluation prompts and score style, voice, temporal compliance, coherence",
          C.EvalConfig)
 

@@ -152,10 +152,15 @@ class ServeConfig(Checked):
 @dataclass
 class DeployConfig(Checked):
     gguf: str = opt("", "GGUF file to deploy", positional=True)
-    name: str = opt("deepred", "model folder name inside LM Studio (local/<name>/)")
+    name: str = opt("deepred", "model folder name inside LM Studio (local/<name>/), or the Ollama model name")
     models_dir: str | None = opt(None, "LM Studio models folder; default $LMSTUDIO_MODELS_DIR or ~/.lmstudio/models")
     force: bool = opt(False, "overwrite a different model already deployed under this name")
-    load: bool = opt(True, "load it with `lms load` when the lms CLI is found (--no-load only copies)")
+    load: bool = opt(True, "load it with `lms load` (ollama: create it with `ollama create`) when the CLI is found "
+                           "(--no-load only copies, or only writes the Modelfile)")
+    target: str = opt("lmstudio", "where to deploy: lmstudio (copy and load) or ollama (Modelfile + ollama create)",
+                      choices=["lmstudio", "ollama"])
+    persona: str | None = opt(None, "ollama: persona YAML whose primary system prompt becomes the Modelfile's SYSTEM "
+                                    "(default: the bundled Deep Red)")
 
 
 @dataclass
@@ -343,7 +348,8 @@ class RunConfig(TrainConfig):
     eval_prompts: str | None = opt(None, "prompt JSONL for the evaluation (default: the persona's prompts)")
     persona: str | None = opt(None, "persona YAML file the evaluation scores against (default: the bundled Deep Red)")
     eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
-    deploy: bool = opt(False, "copy the first GGUF into LM Studio and load it")
+    deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
+    deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])
     name: str = opt("deepred", "LM Studio model name for --deploy")
     models_dir: str | None = opt(None, "LM Studio models folder for --deploy")
     force: bool = opt(False, "deploy over a different model of the same --name, and write into an --output_dir that "

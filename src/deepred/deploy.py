@@ -284,7 +284,12 @@ def _print_usage(log: Log, name: str, loaded: bool) -> None:
 
 
 def deploy(cfg: DeployConfig, log: Log = print) -> Path:
-    """Copy cfg.gguf to <models>/local/<name>/, load it with `lms` when possible; returns the deployed file."""
+    """Copy cfg.gguf to <models>/local/<name>/, load it with `lms` when possible; returns the deployed file.
+    `--target ollama` goes to `ollama.deploy_ollama` (returns the Modelfile)."""
+    if cfg.target == "ollama":
+        from .ollama import deploy_ollama
+
+        return deploy_ollama(cfg, log)
     name = validate_name(cfg.name)
     src = check_gguf(cfg.gguf)
     server_url()  # checks LMSTUDIO_HOST/PORT before anything is written

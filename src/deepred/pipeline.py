@@ -255,7 +255,7 @@ def _add_loss_curve(run: Run, report: dict, out: Path) -> None:
 
 def _deploy_inputs(run: Run) -> dict:
     return {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
-            "models_dir": run.cfg.models_dir}
+            "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target, "persona": run.cfg.persona}
 
 
 def _deploy(run: Run, previous: dict) -> dict:
@@ -265,7 +265,8 @@ def _deploy(run: Run, previous: dict) -> dict:
         return {}
     first = run.outputs["convert"][run.cfg.quant_types[0]]
     deployed = deploy(DeployConfig(gguf=first, name=run.cfg.name, models_dir=run.cfg.models_dir,
-                                   force=run.cfg.force), log=run.log)
+                                   force=run.cfg.force, target=run.cfg.deploy_target, persona=run.cfg.persona),
+                      log=run.log)
     return {"deployed": str(deployed)}
 
 
