@@ -93,17 +93,25 @@ def check_gguf(path: str | os.PathLike) -> Path:
     return src
 
 
+def executable_from_env(variable: str) -> str | None:
+    """The executable `$variable` names; None when unset; an error when set to anything else."""
+    explicit = os.environ.get(variable)
+    if not explicit:
+        return None
+    path = Path(explicit).expanduser()
+    if path.is_file() and os.access(path, os.X_OK):
+        return str(path)
+    raise DeepRedError(f"{variable}={explicit} is not an executable file; fix it or unset it")
+
+
 def find_lms() -> str | None:
     """The `lms` CLI: `$LMS_CLI_PATH`, `/opt/lm-studio/bin/lms`, `~/.lmstudio/bin/lms`, then PATH; None if absent.
 
     A `$LMS_CLI_PATH` that is set but is not an executable file is an error, not something to skip silently.
     """
-    explicit = os.environ.get("LMS_CLI_PATH")
+    explicit = executable_from_env("LMS_CLI_PATH")
     if explicit:
-        path = Path(explicit).expanduser()
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-        raise DeepRedError(f"LMS_CLI_PATH={explicit} is not an executable file; fix it or unset it")
+        return explicit
     for candidate in (Path(SYSTEM_LMS), Path.home() / ".lmstudio" / "bin" / "lms"):
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)

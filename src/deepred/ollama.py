@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .config import DeployConfig
-from .deploy import SAMPLE_QUESTION, Log, _one_line, check_gguf
+from .deploy import SAMPLE_QUESTION, Log, _one_line, check_gguf, executable_from_env
 from .errors import DeepRedError
 from .files import write_atomic
 
@@ -75,13 +75,7 @@ def validate_name(name: str) -> str:
 
 def find_ollama() -> str | None:
     """`$OLLAMA_CLI_PATH` (must be an executable file if set), else `ollama` on PATH; None if absent."""
-    explicit = os.environ.get("OLLAMA_CLI_PATH")
-    if explicit:
-        path = Path(explicit).expanduser()
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-        raise DeepRedError(f"OLLAMA_CLI_PATH={explicit} is not an executable file; fix it or unset it")
-    return shutil.which("ollama")
+    return executable_from_env("OLLAMA_CLI_PATH") or shutil.which("ollama")
 
 
 def base_url() -> str:
@@ -239,35 +233,31 @@ def _full_name(name: str) -> str:
 
 def existing_models(ollama: str, create: str) -> set[str]:
     """Names `ollama list` shows (lower case). Ollama's server must be running for it, as for `ollama create`."""
-    try:
-        result = _run([ollama, "list"], LIST_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        raise OllamaError(f"`ollama list` did not answer within {LIST_TIMEOUT_S:.0f} s; is Ollama's server "
-                          f"responding? Nothing was written. Once it is, deploy again or run: {create}") from exc
-    except OSError as exc:
-        raise OllamaError(f"cannot run {ollama}: {exc.strerror or exc}; nothing was written") from exc
-    if result.returncode != 0:
-        message = _error_of(result)
-        raise OllamaError(f"`ollama list` failed (exit {result.returncode}): {message} -- is Ollama's server "
-                          f"running (`ollama serve`, or the Ollama app)? Nothing was written; then deploy again")
+    result = _run_checked([ollama, "list"], LIST_TIMEOUT_S, "`ollama list`",
+                          "is Ollama's server running (`ollama serve`, or the Ollama app)? Nothing was written; then "
+                          f"deploy again or run: {create}")
     rows = result.stdout.splitlines()[1:]  # a header line, then NAME ID SIZE MODIFIED
     return {row.split()[0].lower() for row in rows if row.strip()}
+
+
+def _run_checked(args: list[str], timeout: float, what: str, then: str) -> subprocess.CompletedProcess:
+    """Run an ollama command; a timeout, a binary that cannot run or a failed exit is one line ending in `then`."""
+    try:
+        result = _run(args, timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise OllamaError(f"{what} did not finish within {timeout:.0f} s; {then}") from exc
+    except OSError as exc:
+        raise OllamaError(f"cannot run {args[0]}: {exc.strerror or exc}; {then}") from exc
+    if result.returncode != 0:
+        raise OllamaError(f"{what} failed (exit {result.returncode}): {_error_of(result)} -- {then}")
+    return result
 
 
 def create(ollama: str, name: str, modelfile: Path, log: Log) -> None:
     args = create_args(ollama, name, modelfile)
     log(f"creating: {shlex.join(args)}")
-    try:
-        result = _run(args, CREATE_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        raise OllamaError(f"ollama create did not finish within {CREATE_TIMEOUT_S:.0f} s; the Modelfile is "
-                          f"{modelfile}, run: {shlex.join(args)}") from exc
-    except OSError as exc:
-        raise OllamaError(f"cannot run {ollama}: {exc.strerror or exc}; the Modelfile is {modelfile}") from exc
-    if result.returncode != 0:
-        message = _error_of(result)
-        raise OllamaError(f"ollama create failed (exit {result.returncode}): {message} -- the Modelfile is kept at "
-                          f"{modelfile}; once fixed, run: {shlex.join(args)}")
+    _run_checked(args, CREATE_TIMEOUT_S, "ollama create",
+                 f"the Modelfile is kept at {modelfile}; once fixed, run: {shlex.join(args)}")
     log(f"created in Ollama as '{name}'")
 
 
