@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
+# This checkout's own package, also for the CLI subprocesses tests start (a second worktree shares the venv, whose
+# editable install points at the first)
+SRC = str(REPO / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def with_tokenizer_config(model_dir: Path, view: Path, **changes) -> Path:
