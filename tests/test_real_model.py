@@ -86,7 +86,7 @@ def test_demo_cards_show_the_runs_base_vs_tuned_figures(smollm2_demo):
         # the built-in smollm2-135m is named by the model it was rebuilt from, whose licence it carries
         assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
         evaluation = body.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
-        assert "| metric | base | tuned | target | passed |" in evaluation
+        assert "| metric | base | tuned | target | tuned passes |" in evaluation
         rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                                   for line in evaluation.splitlines() if line.startswith("| "))}
         for metric in METRICS:

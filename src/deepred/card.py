@@ -134,11 +134,11 @@ def _metadata(kind: str, run: dict, persona, base_id: str, license_: str | None,
 
 def _intro(kind: str, facts: CardFacts, persona, base_id: str) -> str:
     what = KINDS[kind][2]
-    shown = base_id if base_id == facts.base_model else f"{base_id} (`{facts.base_model}` in deepred)"
+    shown = f"`{base_id}`" + ("" if base_id == facts.base_model else f" (`{facts.base_model}` in deepred)")
     return "\n".join([
         f"# {persona.title}: {what}",
         "",
-        f"`{shown}` fine-tuned with LoRA by deepred to speak as {persona.title}: "
+        f"{shown} fine-tuned with LoRA by deepred to speak as {persona.title}: "
         f"{persona.description}",
     ])
 
@@ -236,7 +236,7 @@ def _evaluation_section(report: dict | None) -> str:
     lines = ["## Evaluation", "",
              f"deepred's persona metrics on {count} prompts"
              + (", base model against the tuned model on the same prompts:" if "difference" in report else ":"),
-             "", f"| metric | {header} | target | passed |", "| --- |" + " --- |" * (len(sides) + 2)]
+             "", f"| metric | {header} | target | {list(sides)[-1]} passes |", "| --- |" + " --- |" * (len(sides) + 2)]
     for metric in METRICS:
         values = " | ".join(format_value(side[metric]["value"]) for side in sides.values())
         tuned = list(sides.values())[-1][metric]
