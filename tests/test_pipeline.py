@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,13 +14,14 @@ import time
 
 import pytest
 
-from deepred.cli import main
-from deepred.config import RunConfig
+from deepred.cli import build_parser, main
+from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
 from deepred.pipeline import run_pipeline
 from deepred.train import latest_checkpoint
 
 from .conftest import DATA
+from .test_card import commands, read_card
 
 QUICK = dict(max_steps=2, batch_size=1, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
              save_steps=100, quant_types=["f16"], check=False, evaluate=False)
@@ -47,8 +49,11 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     assert all(manifest[s]["status"] == "done" and len(manifest[s]["output_hash"]) == 64 for s in manifest)
     assert (run_dir / "deepred.gguf").is_file() and (run_dir / "merged-deepred" / "model.safetensors").is_file()
 
+    first_cards = _check_cards(run_dir, RunConfig(base_model=str(tiny_model), dataset=str(dataset),
+                                                  output_dir=str(run_dir), **QUICK))
+
     again = _run(tiny_model, run_dir, dataset)
-    assert set(_decisions(again).values()) == {"skipped"}, again
+    assert set(_decisions(again).values()) == {"skipped"}, again  # rewritten cards leave stage hashes alone
 
     lines = dataset.read_text().splitlines()
     dataset.write_text("\n".join(lines[:-1]) + "\n")  # one example fewer
@@ -58,6 +63,10 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     assert "[convert] running (inputs changed: merged)" in changed
     trainings = sorted(run_dir.glob("theme-deepred-*"))
     assert len(trainings) == 2  # the earlier training is kept, a new one was made
+    retrained_cards = _check_cards(run_dir, RunConfig(base_model=str(tiny_model), dataset=str(dataset),
+                                                      output_dir=str(run_dir), **QUICK))
+    assert retrained_cards["gguf"] != first_cards["gguf"]  # regenerated: the new dataset and training folder
+    assert trainings[-1].name in retrained_cards["gguf"] and trainings[0].name not in retrained_cards["gguf"]
 
     restarted = _run(tiny_model, run_dir, dataset, from_stage="convert")
     assert _decisions(restarted) == {"train": "skipped", "merge": "skipped", "convert": "running",
@@ -82,6 +91,24 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     assert deployed.read_bytes() == first
     _run(tiny_model, run_dir, dataset, deploy=True, models_dir=str(models), force=True)
     assert deployed.read_bytes() == (run_dir / "deepred.gguf").read_bytes() != first
+
+
+def _check_cards(run_dir, cfg: RunConfig) -> dict[str, str]:
+    """The run's three model cards describe its newest training, and their command line is the run's settings."""
+    training = max(run_dir.glob("theme-deepred-*"), key=lambda p: p.name)
+    run_config = json.loads((training / "run_config.json").read_text())
+    places = {"adapter": training / "final", "merged": run_dir / "merged-deepred", "gguf": run_dir}
+    texts = {}
+    for kind, folder in places.items():
+        meta, body = read_card(folder / "README.md")
+        assert meta["library_name"] == {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}[kind]
+        assert meta["base_model"] == cfg.base_model and meta["dataset_sha256"] == run_config["dataset_sha256"]
+        assert "## Evaluation" not in body  # --no-evaluate
+        [command] = commands(body)
+        assert resolve_with_yaml(RunConfig, None, build_parser().parse_args(shlex.split(command)[1:])) == cfg
+        texts[kind] = body
+    assert "| `deepred.gguf` | f16 |" in texts["gguf"]
+    return texts
 
 
 def test_run_folder_never_holds_its_inputs_or_foreign_files(tiny_model, tmp_path, capsys):

@@ -70,6 +70,32 @@ def test_demo_pipeline_runs_on_the_real_model(smollm2_demo):
     assert all(r["perplexity"] is not None for r in report["base"]["responses"] if r["response"])
 
 
+def test_demo_cards_show_the_runs_base_vs_tuned_figures(smollm2_demo):
+    from deepred.evaluate.aggregate import METRIC_TITLES, METRICS
+    from deepred.evaluate.report_text import format_value
+
+    from .test_card import read_card
+
+    out, _ = smollm2_demo
+    report = json.loads((out / "eval" / "report.json").read_text())
+    training = next(out.glob("theme-deepred-*"))
+    run_config = json.loads((training / "run_config.json").read_text())
+    for folder, library in ((training / "final", "peft"), (out / "merged-deepred", "transformers"), (out, "gguf")):
+        meta, body = read_card(folder / "README.md")
+        assert meta["library_name"] == library and meta["dataset_sha256"] == run_config["dataset_sha256"]
+        # the built-in smollm2-135m is named by the model it was rebuilt from, whose licence it carries
+        assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+        evaluation = body.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+        assert "| metric | base | tuned | target | tuned passes |" in evaluation
+        rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                  for line in evaluation.splitlines() if line.startswith("| "))}
+        for metric in METRICS:
+            base, tuned = report["base"][metric], report["tuned"][metric]
+            assert rows[METRIC_TITLES[metric]][:3] == [format_value(base["value"]), format_value(tuned["value"]),
+                                                       tuned["target_text"]], metric
+    assert "| `deepred.gguf` | q4_k_m |" in body and "| `deepred-f16.gguf` | f16 |" in body
+
+
 def test_lora_targets_every_llama_projection(smollm2_demo):
     out, _ = smollm2_demo
     run = next(out.glob("theme-deepred-*"))

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .card import write_gguf_card
 from .config import QUANT_TYPES, ConvertConfig
 from .errors import DeepRedError
 from .files import refuse_output_over_inputs
@@ -445,6 +446,7 @@ def convert(cfg: ConvertConfig, log=print, check_final: bool = True) -> Path:
             _check_or_explain(result, model_dir, output_path, log, label=output_path.name)
         os.replace(result, output_path)
     log(f"wrote {output_path}")
+    write_gguf_card(output_path, model_dir, cfg.quant_type, log=log)
     return output_path
 
 

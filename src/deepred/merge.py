@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .card import merged_facts, write_card
 from .config import MergeConfig
 from .errors import DeepRedError
 from .files import refuse_output_over_inputs
@@ -88,6 +89,7 @@ def merge(cfg: MergeConfig, log=print) -> Path:
         keep_tokenizer_flags(base_model, tmp)
         (tmp / MARKER).write_text(json.dumps({"lora_path": str(lora_path), "base_model": base_model,
                                               "dtype": dtype_name}, indent=2))
+        write_card(tmp, "merged", merged_facts(cfg.base_model or base_model, lora_path, output_path, cfg.dtype))
         if cfg.verify:  # before publishing: a merge that fails verification never appears at the output path
             verify(tmp, base_model, lora_path, dtype_name, log)
     except BaseException:

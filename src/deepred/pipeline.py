@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig)
+from .card import CARD, write_run_cards
 from .errors import DeepRedError
 from .files import refuse_output_over_inputs, write_json
 
@@ -38,9 +39,10 @@ class StageFailed(DeepRedError):
 
 
 def hash_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's relative names and file contents (hidden files ignored)."""
+    """sha256 of a file, or of a folder's relative names and file contents (hidden files ignored, and model cards:
+    they are rewritten as later stages finish)."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != CARD
                                                 and not any(part.startswith(".") for part in p.relative_to(path).parts))
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else file.name).encode())
@@ -343,6 +345,7 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
             if reason is None:
                 log(f"[{stage}] skipped: inputs unchanged, outputs present")
                 run.outputs[stage] = previous["outputs"]
+                write_run_cards(run)
                 continue
             log(f"[{stage}] running ({reason})")
             outputs = execute(run, previous)
@@ -357,6 +360,7 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
         run.outputs[stage] = outputs
         run.manifest.record(stage, status="done", fingerprint=run.current_fingerprint, inputs=inputs,
                             outputs=outputs, output_hash=_outputs_hash(outputs), error=None)
+        write_run_cards(run)  # the cards say what this run has made so far, figures included once it evaluated
     _print_summary(run)
     return run
 

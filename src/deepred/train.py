@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from .card import write_adapter_cards
 from .chat_template import ChatFormat, tokenize_examples
 from .config import TrainConfig
 from .data import load_for_training, summarize
@@ -561,11 +562,15 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
     eval_metrics = trainer.evaluate() if eval_set is not None else {"skipped": "no validation split (--val_split 0)"}
 
     final_dir = output_dir / "final"
+    if trainer.is_fsdp_enabled:  # every rank gathers its shards of the adapter (FULL_STATE_DICT); rank 0 writes
+        trainer.save_model(str(final_dir))
     if state.is_main_process:
-        trainer.model.save_pretrained(final_dir, safe_serialization=True)
+        if not trainer.is_fsdp_enabled:
+            trainer.model.save_pretrained(final_dir, safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
         write_json(output_dir / "train_results.json", metrics)
         write_json(output_dir / "eval_results.json", eval_metrics)
+        write_adapter_cards(output_dir, cfg.base_model)
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         log(next_commands(cfg.base_model, final_dir))
     state.wait_for_everyone()
