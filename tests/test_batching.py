@@ -278,3 +278,11 @@ def test_padding_free_activation_memory_follows_the_real_tokens(packed_and_padde
     assert real == packed_batch["input_ids"].numel() < 0.8 * padded_positions
     ratio = saved_activation_bytes(packed, packed_batch) / saved_activation_bytes(padded, padded_batch)
     assert ratio == pytest.approx(real / padded_positions, rel=0.15)
+
+
+def test_under_fsdp_the_loss_is_trls(monkeypatch):
+    """FSDP shards the output layer's weight outside the model's forward pass, where the supervised loss would
+    apply it; `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP in every process."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plan = T.plan_batches(TrainConfig(), T.Hardware("cuda", False, True, False, 2))
+    assert plan.loss == "trl" and T._trainer_class(plan, T.Hardware("cuda", False, True, False, 2)).__name__ == "SFTTrainer"

@@ -294,8 +294,16 @@ def plan_batches(cfg: TrainConfig, hw: Hardware) -> BatchPlan:
     # On a CPU padded batches of 4 ran as fast as padding-free ones (SmolLM2: 221-255 vs 227 tokens/s), whose
     # attention mask covers the whole row; a token budget needs padding-free rows to cut.
     padding_free = hw.device == "cuda" or cfg.max_tokens_per_pass is not None
-    return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free,
-                     "liger" if fused else "supervised", layer_kernels, cfg.max_tokens_per_pass)
+    # Under FSDP the output layer's weight is sharded outside the model's own forward pass, where the supervised
+    # loss applies it; TRL's loss stays inside that pass (unmeasured on GPUs: README, "More than one GPU")
+    loss = "trl" if under_fsdp() else "liger" if fused else "supervised"
+    return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free, loss, layer_kernels,
+                     cfg.max_tokens_per_pass)
+
+
+def under_fsdp() -> bool:
+    """`accelerate launch` with an FSDP config says so to every process through its environment."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,7 +537,7 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
                                     len(examples))
         record(plan)
         progress, stopper = _callbacks()
-        if hw.device == "cuda" and plan.padding_free and plan.max_tokens_per_pass is None:
+        if hw.device == "cuda" and plan.padding_free and plan.loss != "trl" and plan.max_tokens_per_pass is None:
             trainer.add_callback(_memory_probe(trainer, plan, [len(row["input_ids"]) for row in examples], log, record))
         progress, stopper = _callbacks()
         for callback in (progress, stopper, *callbacks):
@@ -683,7 +691,7 @@ def _packed_piece(inputs: dict, lo: int, hi: int) -> dict:
 
 
 def _trainer_class(plan: BatchPlan, hw: Hardware):
-    """TRL's SFTTrainer for the reference profile; otherwise one that scores only the supervised positions and
+    """TRL's SFTTrainer where the plan's loss is TRL's (reference profile, FSDP); otherwise one that scores only the supervised positions and
     keeps each forward pass within the token budget. The loss is TRL's: the sum of token losses over the
     supervised positions divided by the number of supervised tokens in the effective batch."""
     import contextlib
