@@ -85,7 +85,8 @@ def test_packed_examples_do_not_attend_to_each_other(packed_and_padded):
     with torch.no_grad():
         together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, last:]
         alone = model(input_ids=batch["input_ids"][:, last:]).logits[0]
-        leaked = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits[0, last:]
+        everything = torch.ones_like(batch["input_ids"])  # one attention mask over the whole row: examples leak
+        leaked = model(input_ids=batch["input_ids"], attention_mask=everything).logits[0, last:]
     scale = alone.abs().max().item()
     assert (together - alone).abs().max().item() < 1e-4 * max(1.0, scale)
     assert (leaked - alone).abs().max().item() > 1e-2 * max(1.0, scale)  # the check would see a leak
@@ -212,7 +213,8 @@ def test_every_profile_sees_the_same_examples_in_the_same_order(tiny_model, tmp_
         per_step, step = [], []
         for batch in trainer.get_train_dataloader():
             if "attention_mask" in batch:
-                step += [tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+                rows = zip(batch["input_ids"], batch["attention_mask"])
+                step += [tuple(row[mask.bool()].tolist()) for row, mask in rows]
             else:
                 starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
                 step += [tuple(batch["input_ids"][0, a:b].tolist()) for a, b in zip(starts, starts[1:])]
@@ -285,4 +287,5 @@ def test_under_fsdp_the_loss_is_trls(monkeypatch):
     apply it; `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP in every process."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     plan = T.plan_batches(TrainConfig(), T.Hardware("cuda", False, True, False, 2))
-    assert plan.loss == "trl" and T._trainer_class(plan, T.Hardware("cuda", False, True, False, 2)).__name__ == "SFTTrainer"
+    hw = T.Hardware("cuda", False, True, False, 2)
+    assert plan.loss == "trl" and T._trainer_class(plan, hw).__name__ == "SFTTrainer"

@@ -35,5 +35,5 @@ def test_bench_tiny_compares_profiles_on_the_same_examples(tmp_path, capsys, tin
     traced = [r for r in report["results"] if r["trace"]]
     assert [(r["profile"], r["repeat"]) for r in traced] == [("reference", 0), ("fast", 0)]
     assert all(op["calls"] > 0 and op["self_ms"] >= 0 for op in traced[0]["trace"])
-    assert report["results"][0]["batch_plan"]["loss"] == "trl" and report["results"][1]["batch_plan"]["loss"] == "supervised"
+    assert [r["batch_plan"]["loss"] for r in report["results"][:2]] == ["trl", "supervised"]
     assert report["model_flops_per_token"] > 0 and report["results"][0]["mfu"] is None  # no GPU peak on a CPU

@@ -189,11 +189,10 @@ def run_profile(name: str, model_dir: Path, dataset: Path, work: Path, steps: in
     seconds = timing.end_time - timing.start_time
     tokens = timing.end_tokens - timing.start_tokens
     run_config = json.loads((out_dir / "run_config.json").read_text())
-    speed = tokens / seconds
+    speed, peak = tokens / seconds, _peak_flops()
     out = BenchResult(name, repeat, round(speed, 1), round(_peak_memory_gib(), 2), timing.steps, int(tokens),
                       round(seconds, 2), result.metrics.get("train_loss"), timing.losses, run_config["batch_plan"],
-                      round(speed * flops_per_token / _peak_flops(), 4) if flops_per_token and _peak_flops() else None,
-                      timing.trace)
+                      round(speed * flops_per_token / peak, 4) if flops_per_token and peak else None, timing.trace)
     log(f"  {name} (repeat {repeat + 1}): {out.tokens_per_second:,.0f} tokens/s over {out.steps} steps, "
         f"peak memory {out.peak_memory_gib} GiB" + (f", MFU {out.mfu:.1%}" if out.mfu is not None else ""))
     shutil.rmtree(out_dir, ignore_errors=True)

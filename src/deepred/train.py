@@ -520,8 +520,7 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
     log(summarize(report, lengths, cfg.max_seq_length))
 
     plan = plan_batches(cfg, hw)
-    log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}"
-        + ("; output layer on the supervised positions only" if hw.device == "cpu" else ""))
+    log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
 
     examples = truncate_rows(_sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = _split(examples, cfg.val_split, cfg.seed)
@@ -536,7 +535,6 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
         record = _run_config_writer(state, output_dir, cfg, base_model, report, data_hash, lengths, hw, peft_config,
                                     len(examples))
         record(plan)
-        progress, stopper = _callbacks()
         if hw.device == "cuda" and plan.padding_free and plan.loss != "trl" and plan.max_tokens_per_pass is None:
             trainer.add_callback(_memory_probe(trainer, plan, [len(row["input_ids"]) for row in examples], log, record))
         progress, stopper = _callbacks()
@@ -691,9 +689,9 @@ def _packed_piece(inputs: dict, lo: int, hi: int) -> dict:
 
 
 def _trainer_class(plan: BatchPlan, hw: Hardware):
-    """TRL's SFTTrainer where the plan's loss is TRL's (reference profile, FSDP); otherwise one that scores only the supervised positions and
-    keeps each forward pass within the token budget. The loss is TRL's: the sum of token losses over the
-    supervised positions divided by the number of supervised tokens in the effective batch."""
+    """TRL's SFTTrainer where the plan's loss is TRL's (reference profile, FSDP); otherwise one that scores only
+    the supervised positions and keeps each forward pass within the token budget. The loss is TRL's: the sum of
+    token losses over the supervised positions divided by the number of supervised tokens in the effective batch."""
     import contextlib
 
     import torch
@@ -843,9 +841,9 @@ def choose_token_budget(worst: int, longest: int, try_pass) -> int | None:
 
 
 def fit_token_budget(trainer, plan: BatchPlan, lengths: list[int], log) -> BatchPlan:
-    """Memory probe before the first step (on GPUs): run the forward and backward pass of the worst micro-batch this data can
-    produce, and cut passes to a token budget that fits if it does not. No gradients, random state or weights are
-    changed, so training is the same as without the probe."""
+    """Memory probe before the first step (on GPUs): run the forward and backward pass of the worst micro-batch
+    this data can produce, and cut passes to a token budget that fits if it does not. No gradients, random state
+    or weights are changed, so training is the same as without the probe."""
     worst, longest = worst_pass_tokens(lengths, plan.micro_batch), max(lengths)
     budget = choose_token_budget(worst, longest, lambda n: _probe_pass(trainer, n, longest))
     trainer.max_tokens_per_pass = budget
