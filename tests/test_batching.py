@@ -289,3 +289,9 @@ def test_under_fsdp_the_loss_is_trls(monkeypatch):
     plan = T.plan_batches(TrainConfig(), T.Hardware("cuda", False, True, False, 2))
     hw = T.Hardware("cuda", False, True, False, 2)
     assert plan.loss == "trl" and T._trainer_class(plan, hw).__name__ == "SFTTrainer"
+
+
+@pytest.mark.parametrize("budget", [0, -512])
+def test_a_token_budget_below_one_is_refused(budget):
+    with pytest.raises(T.DeepRedError, match=f"--max_tokens_per_pass must be at least 1 \\(got {budget}\\)"):
+        T.plan_batches(TrainConfig(max_tokens_per_pass=budget), T.detect_hardware("fp32"))

@@ -279,6 +279,9 @@ def plan_batches(cfg: TrainConfig, hw: Hardware) -> BatchPlan:
     None of this changes what is learned: the loss is normalised per supervised token over the whole effective
     batch, and packed examples never attend to each other.
     """
+    if cfg.max_tokens_per_pass is not None and cfg.max_tokens_per_pass < 1:
+        raise DeepRedError(f"--max_tokens_per_pass must be at least 1 (got {cfg.max_tokens_per_pass}); leave it out "
+                           "to let the memory probe choose")
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process = max(1, effective // hw.world_size)
     on_cuda = hw.device == "cuda" and not hw.rocm
