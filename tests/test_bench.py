@@ -4,6 +4,14 @@ curves and the profiler's top operations are reported."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
 
 from deepred.cli import main
 
@@ -37,3 +45,26 @@ def test_bench_tiny_compares_profiles_on_the_same_examples(tmp_path, capsys, tin
     assert all(op["calls"] > 0 and op["self_ms"] >= 0 for op in traced[0]["trace"])
     assert [r["batch_plan"]["loss"] for r in report["results"][:2]] == ["trl", "supervised"]
     assert report["model_flops_per_token"] > 0 and report["results"][0]["mfu"] is None  # no GPU peak on a CPU
+
+
+@pytest.mark.parametrize("when", ["while building the model", "while training"])
+def test_bench_stopped_by_sigterm_exits_130_with_one_line(tiny_model, when):
+    """`timeout -s TERM` or a scheduler stops the bench as Ctrl-C would: exit 130, one line, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "deepred.cli", "bench", "--shape", "tiny", "--examples", "16",
+                             "--mean_tokens", "100", "--steps", "200", "--batch_size", "2",
+                             "--gradient_accumulation_steps", "1", "--profiles", "fast"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    assert proc.stdout.readline().startswith("bench: shape tiny")  # printed before the model is built
+    deadline = time.monotonic() + 240
+    while when == "while training" and "step/s" not in "".join(err) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == 130
+    reader.join(timeout=30)
+    lines = [line for line in "".join(err).replace("\r", "\n").splitlines() if line and "step/s" not in line]
+    assert lines[-1] == "bench interrupted before it finished: nothing was measured or written"
+    assert "Traceback" not in "".join(err) and len([line for line in lines if "interrupted" in line]) == 1

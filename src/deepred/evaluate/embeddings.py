@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DeepRedError
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 
 _EMBEDDER: tuple[Any, Any] | None = None
 _ANCHOR_VECTORS: dict[Persona, tuple[Any, Any]] = {}

@@ -8,7 +8,7 @@ import re
 
 from ..config import EvalConfig
 from .endpoint import chat_with_retries, openai_client, resolve_model_name
-from .persona import Persona
+from ..persona import Persona
 from .stats import mean, rate, rounded
 from .text import chat_messages
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..config import EvalConfig
 from ..errors import DeepRedError
+from ..models.loading import from_pretrained
+from ..models.registry import resolve_base_model
 from .text import chat_messages
 
 GENERATION_BATCH = 8
@@ -17,9 +19,6 @@ def load_causal_lm(path: str, lora_path: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tinymodel import resolve_base_model
-    from ..train import _from_pretrained
-
     name = resolve_base_model(path)  # a local folder, a built-in name or a hub name, as for training
     folder = Path(name).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
@@ -28,8 +27,8 @@ def load_causal_lm(path: str, lora_path: str | None = None):
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
     try:
-        tokenizer = _from_pretrained(AutoTokenizer, name)
-        model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
+        tokenizer = from_pretrained(AutoTokenizer, name)
+        model = from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
     except ValueError as exc:
         raise DeepRedError(f"cannot load the model {path}: {str(exc).splitlines()[0]}") from exc
     if lora_path:

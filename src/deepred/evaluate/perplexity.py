@@ -7,7 +7,7 @@ import statistics
 
 from .coherence import PPL_LIMIT
 from .models import adapter_disabled, load_causal_lm
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 from .text import chat_messages
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 from .coherence import coherence_stats, incoherence_reasons, legible, readable
 from .embeddings import anchor_similarities
 from .perplexity import PerplexityScorer
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 from .style import STYLE_THRESHOLD, generic_markers, prompt_topics, style_fields, style_score
 from .temporal import anachronisms, temporal_check
 from .voice import voice_violations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 from .stats import clip
 from .text import distinct_matches, stems
 

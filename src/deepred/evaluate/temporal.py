@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 from .text import distinct_matches, sentences, stems
 
 # Ways of saying "I cannot know that", whoever speaks.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .persona import Persona, default_persona
+from ..persona import Persona, default_persona
 from .text import distinct_matches, stems
 
 # The fourth wall is broken in words any persona shares, plus two that name it; see _fourth_wall.

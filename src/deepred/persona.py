@@ -1,0 +1,289 @@
+"""The persona file: everything that makes one character, read from YAML and checked before any work starts.
+
+Shared by every stage that speaks as the persona: evaluation scores against it, validation counts its system prompts
+and categories, merge and deploy ask its sample question, and the model cards describe it.
+
+Every problem is one line, `FILE:LINE: key: what is wrong; what to do`. The bundled Deep Red file
+(`resources/personas/deepred.yaml`) is the default and the worked example (README, "Your own persona").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import DeepRedError
+
+LAST_YEAR = 2099  # years after the cutoff up to this one count as later knowledge
+TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "sample_question", "categories",
+             "temporal_category", "style", "knowledge", "targets"}
+STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "judge_traits"}
+KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections"}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Pass marks of the four metrics; a persona file overrides only the ones it names."""
+
+    style: float = 0.80           # specification: > 80 % of responses in style
+    voice: float = 0.90           # ours: >= 90 % in character ...
+    voice_category: float = 0.80  # ... and every category >= 80 % ("consistent across prompts")
+    temporal: float = 0.95        # specification: > 95 %
+    coherence: float = 0.90       # ours: the specification only asks for a subjective check
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: detectors cache per persona
+class Persona:
+    name: str
+    title: str
+    description: str
+    file: Path
+    system_prompts: dict[str, str]
+    prompts_path: Path
+    categories: list[str]
+    temporal_category: str
+    style_fields: dict[str, re.Pattern]
+    persona_anchors: list[str]
+    generic_anchors: list[str]
+    judge_traits: str
+    cutoff: int
+    later_terms: re.Pattern
+    later_years: re.Pattern       # a year after the cutoff (with 's) or a later century
+    years_after: str              # the bare alternation of those years, for "by 1980"
+    deflections: re.Pattern | None
+    targets: Targets = field(default_factory=Targets)
+    sample_question: str | None = None  # what deploy and merge ask to show the model answers (default: prompt 1)
+
+    @property
+    def evaluation_system_prompt(self) -> str:
+        return self.system_prompts["evaluation"]
+
+    @property
+    def later_kind(self) -> str:
+        """The temporal kind of a question about after the cutoff: post_<cutoff year>."""
+        return f"post_{self.cutoff}"
+
+
+def bundled_persona_path() -> Path:
+    return Path(str(resources.files("deepred") / "resources" / "personas" / "deepred.yaml"))
+
+
+def resolve_persona_path(path: str | Path | None) -> Path:
+    """A path as given, else a bundled persona of that file name (`--persona butler.yaml`), else Deep Red."""
+    if not path:
+        return bundled_persona_path()
+    given = Path(path).expanduser()
+    bundled = bundled_persona_path().parent / given.name
+    if not given.is_file() and given.name == str(path) and bundled.is_file():
+        return bundled
+    return given
+
+
+def default_persona() -> Persona:
+    return load_persona(None)
+
+
+def load_persona(path: str | Path | None) -> Persona:
+    """The persona at `path` (default: the bundled Deep Red); a one-line DeepRedError on any problem."""
+    return _load(resolve_persona_path(path).resolve())
+
+
+@lru_cache(maxsize=16)
+def _load(path: Path) -> Persona:
+    if not path.is_file():
+        raise DeepRedError(f"persona file not found: {path}; pass --persona FILE.yaml (see README, 'Your own persona')")
+    data, lines = _read_yaml(path)
+    return _Reader(path, data, lines).persona()
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """The data and the line of every key and list item, keyed by its path of keys and indexes."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DeepRedError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the file") from exc
+    lines: dict[tuple, int] = {}
+    constructor = yaml.SafeLoader("")
+
+    def walk(node, where: tuple):
+        lines[where] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            data = {}
+            for k, v in node.value:
+                key = constructor.construct_object(k)
+                data[key] = walk(v, where + (key,))
+                lines[where + (key,)] = k.start_mark.line + 1  # "key:" names the line, even for a block below it
+            return data
+        if isinstance(node, yaml.SequenceNode):
+            return [walk(item, where + (i,)) for i, item in enumerate(node.value)]
+        return constructor.construct_object(node)
+
+    return (walk(root, ()) if root is not None else None), lines
+
+
+def _dotted(where: tuple) -> str:
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+class _Reader:
+    """Typed access to the YAML data; every refusal names the file, line and key."""
+
+    def __init__(self, path: Path, data: Any, lines: dict[tuple, int]):
+        self.path, self.data, self.lines = path, data, lines
+
+    def fail(self, where: tuple, problem: str) -> DeepRedError:
+        line = self.lines.get(where) or self.lines.get(where[:-1]) or 1
+        return DeepRedError(f"{self.path}:{line}: {_dotted(where) + ': ' if where else ''}{problem}")
+
+    def get(self, where: tuple, required: bool = True) -> Any:
+        value = self.data
+        for i, key in enumerate(where):
+            if not isinstance(value, dict):
+                raise self.fail(where[:i], "expected a mapping of keys; see resources/personas/deepred.yaml")
+            if key not in value:
+                if not required:
+                    return None
+                top = "" if i else " at the top level"
+                raise self.fail(where[:i], f"missing {key!r}{top}; add it (see resources/personas/deepred.yaml)")
+            value = value[key]
+        return value
+
+    def text(self, where: tuple, required: bool = True) -> str | None:
+        value = self.get(where, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, f"expected text, got {_shown(value)}")
+        return value.strip()
+
+    def texts(self, where: tuple, minimum: int = 1, required: bool = True) -> list[str]:
+        value = self.get(where, required)
+        if value is None and not required:
+            return []
+        if not isinstance(value, list) or len(value) < minimum:
+            raise self.fail(where, f"expected a list of at least {minimum} text item(s), got {_shown(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise self.fail(where + (i,), f"expected text, got {_shown(item)}")
+        return list(value)
+
+    def pattern(self, where: tuple, required: bool = True) -> re.Pattern | None:
+        """A list of patterns as one case-insensitive regex anchored at a word start: \\b(?:a|b|c)."""
+        items = self.texts(where, required=required)
+        if not items:
+            return None
+        for i, item in enumerate(items):
+            try:
+                re.compile(item)
+            except re.error as exc:
+                raise self.fail(where + (i,), f"bad regular expression {item!r} ({exc}); fix the pattern "
+                                              "(single-quote it in YAML to keep backslashes)") from None
+        return re.compile(r"\b(?:" + "|".join(items) + ")", re.IGNORECASE)
+
+    def mapping(self, where: tuple, allowed: set[str] | None = None, required: bool = True) -> dict:
+        value = self.get(where, required)
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping of keys, got {_shown(value)}")
+        unknown = sorted(str(k) for k in value if allowed is not None and k not in allowed)
+        if unknown:
+            raise self.fail(where + (unknown[0],), f"unknown key; the keys here are {', '.join(sorted(allowed))}")
+        return value
+
+    def persona(self) -> Persona:
+        if not isinstance(self.data, dict):
+            raise self.fail((), "expected a mapping of persona keys at the top level "
+                                "(see resources/personas/deepred.yaml)")
+        self.mapping((), TOP_LEVEL)
+        cutoff = self.cutoff()
+        years = years_after(cutoff)
+        centuries = self.texts(("knowledge", "later_centuries"), required=False)
+        self.pattern(("knowledge", "later_centuries"), required=False)  # each checked as a regex
+        later_years = r"\b(?:" + years + r")(?:'?s)?\b"
+        if centuries:
+            later_years += r"|\b(?:" + "|".join(centuries) + r")\b"
+        system_prompts = self.system_prompts()
+        return Persona(
+            name=self.text(("name",)), title=self.text(("title",)), description=self.text(("description",)),
+            file=self.path, system_prompts=system_prompts, prompts_path=self.prompts_path(),
+            categories=self.texts(("categories",)),
+            temporal_category=self.text(("temporal_category",), required=False) or "temporal",
+            style_fields=self.style_fields(), persona_anchors=self.texts(("style", "persona_anchors"), minimum=3),
+            generic_anchors=self.texts(("style", "generic_anchors"), minimum=3),
+            judge_traits=self.text(("style", "judge_traits"), required=False) or "the persona's vocabulary and voice",
+            cutoff=cutoff, later_terms=self.pattern(("knowledge", "later_terms")),
+            later_years=re.compile(later_years, re.IGNORECASE), years_after=years,
+            deflections=self.pattern(("knowledge", "deflections"), required=False), targets=self.targets(),
+            sample_question=self.text(("sample_question",), required=False))
+
+    def cutoff(self) -> int:
+        self.mapping(("knowledge",), KNOWLEDGE_KEYS)
+        value = self.get(("knowledge", "cutoff"))
+        if isinstance(value, bool) or not isinstance(value, int) or not 1000 <= value < LAST_YEAR:
+            raise self.fail(("knowledge", "cutoff"), f"expected a year such as 1899 (the last year the persona "
+                                                     f"knows), got {_shown(value)}")
+        return value
+
+    def system_prompts(self) -> dict[str, str]:
+        prompts = self.mapping(("system_prompts",))
+        for key in prompts:
+            self.text(("system_prompts", key))
+        if "evaluation" not in prompts:
+            raise self.fail(("system_prompts",), "missing 'evaluation' (the system prompt sent with every "
+                                                 "evaluation question); add it")
+        return {str(k): v.strip() for k, v in prompts.items()}
+
+    def prompts_path(self) -> Path:
+        path = (self.path.parent / self.text(("prompts",))).resolve()
+        if not path.is_file():
+            raise self.fail(("prompts",), f"evaluation prompts not found at {path}; the path is relative to the "
+                                          "persona file")
+        return path
+
+    def style_fields(self) -> dict[str, re.Pattern]:
+        self.mapping(("style",), STYLE_KEYS)
+        fields = self.mapping(("style", "fields"))
+        if not fields:
+            raise self.fail(("style", "fields"), "no style fields; add at least one field with its word stems")
+        return {str(name): self.pattern(("style", "fields", name)) for name in fields}
+
+    def targets(self) -> Targets:
+        given = self.mapping(("targets",), set(Targets.__dataclass_fields__), required=False) or {}
+        for key, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise self.fail(("targets", key), f"expected a share between 0 and 1 such as 0.9, got {_shown(value)}")
+        return Targets(**{k: float(v) for k, v in given.items()})
+
+
+def years_after(cutoff: int, last: int = LAST_YEAR) -> str:
+    """Regex alternation of the years cutoff+1 .. last, by decades: 1975 -> 1976|...|1979|19[8-9]\\d|20\\d\\d."""
+    parts, year = [], cutoff + 1
+    while year % 10 and year <= last:
+        parts.append(str(year))
+        year += 1
+    decades: dict[int, list[int]] = {}
+    for decade in range(year // 10, last // 10 + 1):
+        decades.setdefault(decade // 10, []).append(decade % 10)
+    for century, tens in decades.items():
+        span = r"\d" if len(tens) == 10 else (f"[{tens[0]}-{tens[-1]}]" if len(tens) > 1 else str(tens[0]))
+        parts.append(f"{century}{span}\\d")
+    return "|".join(parts)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}"

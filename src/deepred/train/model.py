@@ -1,0 +1,92 @@
+"""The model to train: loaded in the plan's dtype (4- or 8-bit with bitsandbytes on CUDA), and its LoRA adapter on
+every attention and MLP projection of the architecture."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..config import TrainConfig
+from ..errors import DeepRedError
+from ..models.loading import from_pretrained
+from .hardware import Hardware
+
+# LoRA targets by architecture: every attention and MLP projection. Unknown families use PEFT's "all-linear".
+LORA_TARGETS = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen2_moe"],
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code,
+              # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
+              "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
+              else torch.float32,
+              "attn_implementation": cfg.attn_implementation if cfg.attn_implementation != "auto"
+              else "eager" if hw.rocm else "sdpa"}
+    if cfg.use_4bit or cfg.use_8bit:
+        kwargs["quantization_config"] = quantization_config(cfg, hw)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = from_pretrained(AutoModelForCausalLM, base_model, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def quantization_config(cfg: TrainConfig, hw: Hardware):
+    import torch
+
+    flag = "--use_4bit" if cfg.use_4bit else "--use_8bit"
+    if cfg.use_4bit and cfg.use_8bit:
+        raise DeepRedError("choose one of --use_4bit and --use_8bit")
+    if hw.device != "cuda":
+        raise DeepRedError(f"{flag} needs a CUDA GPU (bitsandbytes); this machine has none: drop {flag} to train in full precision")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise DeepRedError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from exc
+    if cfg.use_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if hw.bf16 else torch.float16)
+
+
+def lora_targets(model) -> list[str] | str:
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def lora_config(cfg: TrainConfig, model):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=lora_targets(model),
+                      modules_to_save=modules_to_save(cfg, model))
+
+
+def modules_to_save(cfg: TrainConfig, model) -> list[str] | None:
+    """Check the names up front: PEFT silently ignores one that matches nothing."""
+    if not cfg.modules_to_save:
+        return None
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.modules_to_save if m not in names]
+    if missing:
+        raise DeepRedError(f"--modules_to_save: {', '.join(missing)} not found in this model "
+                           "(names are module names such as lm_head or embed_tokens)")
+    if getattr(model.config, "tie_word_embeddings", False) and {"lm_head", "embed_tokens"} & set(cfg.modules_to_save):
+        raise DeepRedError("--modules_to_save lm_head/embed_tokens: this model ties its input and output embeddings, "
+                           "and training one copy would untie them in the merged model; use LoRA only")
+    return list(cfg.modules_to_save)
+
+
+def keeps_packed_examples_apart(model) -> bool:
+    """Padding-free batches are only correct where the model builds its attention mask from the restarting
+    position ids (transformers' masking_utils, or the varlen flash-attention kernels)."""
+    module = sys.modules.get(type(model).__module__)
+    flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
+    return flash or hasattr(module, "create_causal_mask")
