@@ -49,28 +49,37 @@ class DatasetReport:
         return not self.problems
 
 
+def check_message(message, index: int, where: str) -> list[str]:
+    """Problems of one {"role", "content"} message at 0-based `index` of a conversation; `where` names it."""
+    if not isinstance(message, dict):
+        return [f"{where} is not an object"]
+    problems = []
+    role = message.get("role")
+    if role not in ROLES:
+        problems.append(f"{where} has role {role!r}; expected one of system, user, assistant")
+    elif role == "system" and index != 0:
+        problems.append(f"{where} is a system message; a system message may only come first")
+    return problems + check_content(message, where)
+
+
+def check_content(message: dict, where: str) -> list[str]:
+    """The message's "content" must be a non-empty string."""
+    if "content" not in message:
+        return [f'{where} has no "content"']
+    content = message["content"]
+    if not isinstance(content, str):
+        return [f"{where} content must be a string, got {type(content).__name__}"]
+    if not content.strip():
+        return [f"{where} content is empty"]
+    return []
+
+
 def _check_messages(messages) -> list[str]:
     if not isinstance(messages, list):
         return ['"messages" must be a list of {"role", "content"} objects']
     if not messages:
         return ['"messages" is empty']
-    problems = []
-    for i, msg in enumerate(messages):
-        where = f"message {i + 1}"
-        if not isinstance(msg, dict):
-            problems.append(f"{where} is not an object")
-            continue
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            problems.append(f"{where} has role {role!r}; expected one of system, user, assistant")
-        elif role == "system" and i != 0:
-            problems.append(f"{where} is a system message; a system message may only come first")
-        if "content" not in msg:
-            problems.append(f'{where} has no "content"')
-        elif not isinstance(content, str):
-            problems.append(f"{where} content must be a string, got {type(content).__name__}")
-        elif not content.strip():
-            problems.append(f"{where} content is empty")
+    problems = [p for i, msg in enumerate(messages) for p in check_message(msg, i, f"message {i + 1}")]
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
     if "user" not in roles:
         problems.append("no user turn")
@@ -111,19 +120,28 @@ def validate_file(path: str | Path) -> DatasetReport:
 
 
 def _check_line(line_bytes: bytes) -> list[str]:
-    try:
-        line = line_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return [f"not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"]
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return [f"not valid JSON ({exc.msg} at column {exc.colno})"]
-    if not isinstance(obj, dict):
-        return ['expected an object like {"messages": [...]}']
+    obj, problems = parse_json_object(line_bytes, '{"messages": [...]}')
+    if problems:
+        return problems
     if "messages" not in obj:
         return ['missing "messages"']
     return _check_messages(obj["messages"])
+
+
+def parse_json_object(line_bytes: bytes, shape: str) -> tuple[dict | None, list[str]]:
+    """One JSONL line as a JSON object, or the one problem that stops it being read (`shape` shows what is
+    expected, e.g. '{"messages": [...]}')."""
+    try:
+        line = line_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [f"not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"]
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, [f"not valid JSON ({exc.msg} at column {exc.colno})"]
+    if not isinstance(obj, dict):
+        return None, [f"expected an object like {shape}"]
+    return obj, []
 
 
 def load_for_training(dataset: str | None, skip_invalid: bool, log=print) -> tuple[DatasetReport, str]:
