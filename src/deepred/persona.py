@@ -19,8 +19,8 @@ from typing import Any
 from .errors import DeepRedError
 
 LAST_YEAR = 2099  # years after the cutoff up to this one count as later knowledge
-TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "sample_question", "categories",
-             "temporal_category", "style", "knowledge", "targets"}
+TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
+             "categories", "temporal_category", "style", "knowledge", "targets"}
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "judge_traits"}
 KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections"}
 
@@ -57,6 +57,7 @@ class Persona:
     deflections: re.Pattern | None
     targets: Targets = field(default_factory=Targets)
     sample_question: str | None = None  # what deploy and merge ask to show the model answers (default: prompt 1)
+    heldout_prompts_path: Path | None = None  # prompts no training data or tuning decision may use
 
     @property
     def evaluation_system_prompt(self) -> str:
@@ -226,7 +227,8 @@ class _Reader:
             cutoff=cutoff, later_terms=self.pattern(("knowledge", "later_terms")),
             later_years=re.compile(later_years, re.IGNORECASE), years_after=years,
             deflections=self.pattern(("knowledge", "deflections"), required=False), targets=self.targets(),
-            sample_question=self.text(("sample_question",), required=False))
+            sample_question=self.text(("sample_question",), required=False),
+            heldout_prompts_path=self.heldout_prompts_path())
 
     def cutoff(self) -> int:
         self.mapping(("knowledge",), KNOWLEDGE_KEYS)
@@ -246,10 +248,17 @@ class _Reader:
         return {str(k): v.strip() for k, v in prompts.items()}
 
     def prompts_path(self) -> Path:
-        path = (self.path.parent / self.text(("prompts",))).resolve()
+        return self.prompts_file("prompts", "evaluation prompts")
+
+    def heldout_prompts_path(self) -> Path | None:
+        if "heldout_prompts" not in self.data:
+            return None
+        return self.prompts_file("heldout_prompts", "held-out prompts")
+
+    def prompts_file(self, key: str, what: str) -> Path:
+        path = (self.path.parent / self.text((key,))).resolve()
         if not path.is_file():
-            raise self.fail(("prompts",), f"evaluation prompts not found at {path}; the path is relative to the "
-                                          "persona file")
+            raise self.fail((key,), f"{what} not found at {path}; the path is relative to the persona file")
         return path
 
     def style_fields(self) -> dict[str, re.Pattern]:

@@ -1,4 +1,5 @@
-"""A persona's evaluation prompts: JSONL rows {id, category, prompt[, kind, expect_any]}, each bad line named.
+"""A persona's evaluation prompts, and its held-out ones: JSONL rows {id, category, prompt[, kind, expect_any]}, each
+bad line named.
 
 Read by evaluation (the questions it asks), validation (which of them a dataset trains on) and the stages that ask
 one question to show a model answers (the persona's sample question).
@@ -51,6 +52,14 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
         prompts.append(prompt_fields(row, f"prompt-{row['_line']:03d}"))
     check_unique_ids(prompts, path)
     return prompts
+
+
+def load_heldout_prompts(persona: Persona) -> list[dict]:
+    """The persona's held-out prompts (its `heldout_prompts` file), rows checked like load_prompts'."""
+    if persona.heldout_prompts_path is None:
+        raise DeepRedError(f"{persona.file}: persona '{persona.name}' has no held-out prompts; add "
+                           "'heldout_prompts: FILE.jsonl' to it (see README, 'Your own persona')")
+    return load_prompts(persona.heldout_prompts_path)
 
 
 def prompt_fields(row: dict, default_id: str) -> dict:
