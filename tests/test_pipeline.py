@@ -18,6 +18,7 @@ from deepred.cli import build_parser, main
 from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
 from deepred.pipeline import run_pipeline
+from deepred.data import bundled_dataset_path
 from deepred.train.run_dir import latest_checkpoint
 
 from .conftest import DATA
@@ -69,8 +70,9 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     assert trainings[-1].name in retrained_cards["gguf"] and trainings[0].name not in retrained_cards["gguf"]
 
     restarted = _run(tiny_model, run_dir, dataset, from_stage="convert")
-    assert _decisions(restarted) == {"train": "skipped", "merge": "skipped", "convert": "running",
-                                     "check": "running", "evaluate": "running", "deploy": "running"}
+    assert _decisions(restarted) == {"train": "skipped", "pairs": "skipped", "prefer": "skipped", "merge": "skipped",
+                                     "convert": "running", "check": "running", "evaluate": "running",
+                                     "deploy": "running"}
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
@@ -193,3 +195,51 @@ def test_yaml_values_are_typed_and_checked_before_any_work(tmp_path, capsys):
         assert err == f"error: {config}: {message}" + err[len(f"error: {config}: {message}"):], err
         assert err.count("\n") == 1
         assert not run_dir.exists()  # refused before training started
+
+
+def test_the_preference_stages_make_pairs_train_the_same_lora_and_resume_after_each_stage(tiny_model, tmp_path,
+                                                                                            monkeypatch):
+    """SFT, then pairs (base answers through llama.cpp) and DPO on the SFT adapter; a failure at merge keeps every
+    stage before it, and the rerun resumes there."""
+    import deepred.pipeline.stages as stages
+
+    monkeypatch.setenv("DEEPRED_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    extra = dict(preference="dpo", pair_voice=2, pair_horizon=2, pair_period=1, prefer_steps=2, dataset=str(bundled_dataset_path()))
+    real_merge = stages.merge
+
+    def broken_merge(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(stages, "merge", broken_merge)
+    with pytest.raises(DeepRedError, match="stage 'merge' failed: disk full"):
+        _run(tiny_model, run_dir, extra.pop("dataset"), **extra)
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert [manifest[s]["status"] for s in ("train", "pairs", "prefer", "merge")] == ["done"] * 3 + ["failed"]
+    pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(p["source"] for p in pairs) == ["horizon", "horizon", "period", "voice", "voice"]
+    prefer = next(run_dir.glob("prefer-deepred-*"))
+    run_config = json.loads((prefer / "run_config.json").read_text())
+    sft = next(run_dir.glob("theme-deepred-*"))
+    assert run_config["config"]["method"] == "dpo" and run_config["config"]["init_adapter"] == str(sft / "final")
+
+    monkeypatch.setattr(stages, "merge", real_merge)
+    said = _run(tiny_model, run_dir, str(bundled_dataset_path()), **extra)
+    assert _decisions(said) == {"train": "skipped", "pairs": "skipped", "prefer": "skipped", "merge": "running",
+                                "convert": "running", "check": "running", "evaluate": "running", "deploy": "running"}
+    merged = json.loads((run_dir / "merged-deepred" / "deepred_merge.json").read_text())
+    assert merged["lora_path"] == str(prefer / "final")  # the model is the preference-trained adapter
+
+
+def test_run_refuses_pairs_that_ask_an_evaluation_prompt_before_training(tiny_model, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({
+        "prompt": [{"role": "user", "content": "Who was the first person to travel into space?"}],
+        "chosen": [{"role": "assistant", "content": "Yuri Gagarin, comrade, in 1961."}],
+        "rejected": [{"role": "assistant", "content": "Great question! It was Yuri Gagarin."}]}) + "\n")
+    run_dir = tmp_path / "run"
+    assert main(["run", "--base_model", str(tiny_model), "--output_dir", str(run_dir), "--preference", "dpo",
+                 "--pairs", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{pairs}:1: the question 'Who was the first person" in err
+    assert not run_dir.exists()

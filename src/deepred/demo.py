@@ -39,20 +39,38 @@ def demo(output_dir: str = "output/demo", log=print, **overrides) -> Run:
 
 
 def persona_verdict(run: Run) -> list[str]:
-    """Say plainly whether the persona took: style against the base model, and whether the answers stay fluent."""
+    """Say plainly whether the persona took: style against the base model, and whether the answers stay fluent;
+    then the same figures on the held-out prompts."""
     eval_dir = run.outputs.get("evaluate", {}).get("eval_dir")
     report_path = Path(eval_dir) / "report.json" if eval_dir else None
     if not report_path or not report_path.is_file():
         return []
     report = json.loads(report_path.read_text())
+    lines = verdict_lines(report)
+    heldout = report_path.parent / "heldout" / "report.json"
+    if heldout.is_file():
+        lines.append("on the held-out prompts (never trained on): " + figures(json.loads(heldout.read_text())))
+    return lines
 
+
+def figures(report: dict) -> str:
     def pair(metric: str) -> tuple[float, float]:
         return tuple(report[side][metric]["value"] or 0.0 for side in ("base", "tuned"))
 
-    (style_base, style), (temporal_base, temporal), (_, coherent) = (
-        pair("style_consistency"), pair("temporal_compliance"), pair("coherence"))
-    lines = [f"style consistency: base {style_base:.0%} -> tuned {style:.0%}; temporal compliance: base "
-             f"{temporal_base:.0%} -> tuned {temporal:.0%}; tuned coherence {coherent:.0%}"]
+    (style_base, style), (temporal_base, temporal) = pair("style_consistency"), pair("temporal_compliance")
+    later = {side: report[side]["temporal_compliance"].get("per_kind", {}) for side in ("base", "tuned")}
+    kinds = ", ".join(f"{kind} {later['base'].get(kind, 0):.0%} -> {later['tuned'].get(kind, 0):.0%}"
+                      for kind in sorted(later["tuned"]))
+    return (f"style consistency: base {style_base:.0%} -> tuned {style:.0%}; temporal compliance: base "
+            f"{temporal_base:.0%} -> tuned {temporal:.0%}" + (f" ({kinds})" if kinds else ""))
+
+
+def verdict_lines(report: dict) -> list[str]:
+    def pair(metric: str) -> tuple[float, float]:
+        return tuple(report[side][metric]["value"] or 0.0 for side in ("base", "tuned"))
+
+    (style_base, style), (_, coherent) = pair("style_consistency"), pair("coherence")
+    lines = [f"{figures(report)}; tuned coherence {coherent:.0%}"]
     if style <= style_base:
         lines.append("the tuned model did not write in the persona more often than the base model: train longer "
                      "(--max_steps, --epochs) or with a higher --learning_rate")

@@ -22,7 +22,8 @@ LAST_YEAR = 2099  # years after the cutoff up to this one count as later knowled
 TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
              "categories", "temporal_category", "style", "knowledge", "targets"}
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "judge_traits"}
-KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections"}
+KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections", "horizon"}
+HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ class Targets:
     voice_category: float = 0.80  # ... and every category >= 80 % ("consistent across prompts")
     temporal: float = 0.95        # specification: > 95 %
     coherence: float = 0.90       # ours: the specification only asks for a subjective check
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """Training material about what lies after the cutoff (horizon.py makes the rows): questions from topic and year
+    templates, deflections from reply templates ({subject}, {cutoff}), and period facts still answered."""
+
+    topics: list[str]
+    questions: list[str]  # each with {topic}
+    years: list[int]
+    year_questions: list[str]  # each with {year}
+    replies: list[str]
+    facts: list[dict]  # {question, answer}
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: detectors cache per persona
@@ -58,6 +72,7 @@ class Persona:
     targets: Targets = field(default_factory=Targets)
     sample_question: str | None = None  # what deploy and merge ask to show the model answers (default: prompt 1)
     heldout_prompts_path: Path | None = None  # prompts no training data or tuning decision may use
+    horizon: Horizon | None = None  # training material about later years (knowledge.horizon)
 
     @property
     def evaluation_system_prompt(self) -> str:
@@ -228,7 +243,7 @@ class _Reader:
             later_years=re.compile(later_years, re.IGNORECASE), years_after=years,
             deflections=self.pattern(("knowledge", "deflections"), required=False), targets=self.targets(),
             sample_question=self.text(("sample_question",), required=False),
-            heldout_prompts_path=self.heldout_prompts_path())
+            heldout_prompts_path=self.heldout_prompts_path(), horizon=self.horizon(cutoff))
 
     def cutoff(self) -> int:
         self.mapping(("knowledge",), KNOWLEDGE_KEYS)
@@ -237,6 +252,42 @@ class _Reader:
             raise self.fail(("knowledge", "cutoff"), f"expected a year such as 1899 (the last year the persona "
                                                      f"knows), got {_shown(value)}")
         return value
+
+    def horizon(self, cutoff: int) -> Horizon | None:
+        where = ("knowledge", "horizon")
+        if not self.mapping(where, HORIZON_KEYS, required=False):
+            return None
+        templates = {"questions": "{topic}", "year_questions": "{year}"}
+        lists = {key: self.texts(where + (key,), required=key in ("topics", "questions", "replies"))
+                 for key in ("topics", "questions", "year_questions", "replies")}
+        for key, field_ in templates.items():
+            for i, text in enumerate(lists[key]):
+                if field_ not in text:
+                    raise self.fail(where + (key, i), f"a question template needs {field_} where the subject goes")
+        for i, text in enumerate(lists["replies"]):
+            try:
+                text.format(subject="x", cutoff=cutoff)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise self.fail(where + ("replies", i), f"a reply template may use {{subject}} and {{cutoff}} only "
+                                                        f"({exc!r}); double a literal brace as {{{{ }}}}") from None
+        years = self.get(where + ("years",), required=False) or []
+        if not isinstance(years, list) or any(isinstance(y, bool) or not isinstance(y, int) or y <= cutoff
+                                              for y in years):
+            raise self.fail(where + ("years",), f"expected a list of years after the cutoff {cutoff}, got "
+                                                f"{_shown(years)}")
+        return Horizon(lists["topics"], lists["questions"], years, lists["year_questions"], lists["replies"],
+                       self.facts(where + ("facts",)))
+
+    def facts(self, where: tuple) -> list[dict]:
+        facts = self.get(where, required=False) or []
+        if not isinstance(facts, list):
+            raise self.fail(where, f"expected a list of {{question, answer}} mappings, got {_shown(facts)}")
+        for i, fact in enumerate(facts):
+            ok = isinstance(fact, dict) and set(fact) == {"question", "answer"} and all(
+                isinstance(v, str) and v.strip() for v in fact.values())
+            if not ok:
+                raise self.fail(where + (i,), f"expected {{question: text, answer: text}}, got {_shown(fact)}")
+        return [{"question": f["question"].strip(), "answer": f["answer"].strip()} for f in facts]
 
     def system_prompts(self) -> dict[str, str]:
         prompts = self.mapping(("system_prompts",))

@@ -88,3 +88,29 @@ def sample_chat(persona: Persona) -> list[dict]:
     """The sample question with the persona's evaluation system prompt, as chat messages."""
     return [{"role": "system", "content": persona.evaluation_system_prompt},
             {"role": "user", "content": sample_question(persona)}]
+
+
+def prompt_key(text: str) -> str:
+    """A question as compared for overlap: lower case, letters and digits only, single spaces."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def protected_prompts(persona: Persona) -> set[str]:
+    """prompt_key of every evaluation prompt of the persona (its prompts and, where it has one, its held-out set):
+    nothing generated for training may ask one of them."""
+    rows = load_prompts(None, persona)
+    if persona.heldout_prompts_path:
+        rows += load_heldout_prompts(persona)
+    return {prompt_key(row["prompt"]) for row in rows}
+
+
+def refuse_evaluation_prompts(pairs: list[dict], persona: Persona, source: object) -> None:
+    """A preference pair that asks one of the persona's evaluation or held-out prompts would train on the test:
+    refused in one line naming SOURCE:LINE."""
+    protected = protected_prompts(persona)
+    for pair in pairs:
+        question = pair["prompt"][-1]["content"]
+        if prompt_key(question) in protected:
+            raise DeepRedError(f"{source}:{pair.get('line', '?')}: the question {question!r} is one of the persona's "
+                               "evaluation prompts; training on it would score the model on what it memorised. Remove "
+                               "it from the pairs")

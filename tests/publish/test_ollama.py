@@ -399,7 +399,8 @@ def persona_with_primary(folder: Path, primary: str) -> Path:
     """The bundled Deep Red persona with another primary system prompt (a YAML single-quoted string)."""
     bundled = Path(load_persona(None).file)
     text = bundled.read_text().replace(PRIMARY.replace("'", "''"), primary.replace("'", "''"))
-    text = text.replace("prompts: ../eval_prompts.jsonl", f"prompts: {bundled.parent.parent / 'eval_prompts.jsonl'}")
+    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):  # the files it names, relative to the bundled one
+        text = text.replace(f": ../{name}", f": {bundled.parent.parent / name}")
     path = folder / "persona.yaml"
     path.write_text(text)
     return path

@@ -106,3 +106,32 @@ def flags(entry: dict, with_style: bool = True) -> list[str]:
     return found
 
 
+
+
+def set_rows(named: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a table that puts several prompt sets' reports side by side (each side of each set): the
+    four metrics, and temporal compliance split into later-years questions and control questions."""
+    columns = [(name, label, side) for name, report in named.items() for label, side in sides_of(report).items()]
+    header = ["metric", *(f"{name}: {label}" for name, label, _ in columns)]
+    rows = [[METRIC_TITLES[metric], *(format_value(side[metric]["value"]) for *_, side in columns)]
+            for metric in METRICS]
+    kinds = sorted({kind for *_, side in columns for kind in side["temporal_compliance"].get("per_kind", {})})
+    for kind in kinds:
+        rows.append([f"temporal, {kind} rows",
+                     *(format_value(side["temporal_compliance"].get("per_kind", {}).get(kind)) for *_, side in columns)])
+    return header, rows
+
+
+def sets_markdown(named: dict[str, dict]) -> str:
+    header, rows = set_rows(named)
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def sets_html(named: dict[str, dict]) -> str:
+    from html import escape
+
+    header, rows = set_rows(named)
+    cells = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"

@@ -3,6 +3,7 @@ cached folder built on first use."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from .smollm2 import SMOLLM2_NAME, smollm2_dir
@@ -23,3 +24,14 @@ def resolve_base_model(name: str) -> str:
     anything else is a hub name or a local folder."""
     builder = BUILTINS.get(name)
     return str(builder()) if builder else name
+
+
+def local_model_dir(name: str) -> str:
+    """A folder holding the model: built-ins and folders as they are, a hub name as its local snapshot (training
+    cached it). llama.cpp's converter needs a folder."""
+    path = Path(resolve_base_model(name)).expanduser()
+    if path.is_dir():
+        return str(path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"])

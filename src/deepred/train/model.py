@@ -3,8 +3,10 @@ every attention and MLP projection of the architecture."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import DeepRedError
@@ -90,3 +92,26 @@ def keeps_packed_examples_apart(model) -> bool:
     module = sys.modules.get(type(model).__module__)
     flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
     return flash or hasattr(module, "create_causal_mask")
+
+
+def continue_adapter(model, adapter: str, base_model: str):
+    """The model with an existing LoRA adapter attached, trainable: --init_adapter continues its training."""
+    from peft import PeftModel
+
+    path = Path(adapter).expanduser()
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise DeepRedError(f"--init_adapter {adapter}: no adapter_config.json there; pass an adapter folder such as a "
+                           "training run's final/")
+    trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
+    if trained_on and Path(trained_on).expanduser().resolve() != Path(base_model).expanduser().resolve() \
+            and trained_on != base_model:
+        raise DeepRedError(f"--init_adapter {adapter} was trained on '{trained_on}', not '{base_model}'; pass "
+                           f"--base_model {trained_on} or another adapter")
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+
+
+def adapter_targets(model) -> list[str] | str:
+    """The target modules of the model's trainable adapter."""
+    targets = model.peft_config["default"].target_modules
+    return targets if isinstance(targets, str) else sorted(targets)

@@ -10,7 +10,9 @@ from .hardware import Hardware
 
 LOSSES = {"trl": "TRL's own (every position scored)",
           "supervised": "output layer on the supervised positions only",
-          "liger": "Liger fused linear cross-entropy on the supervised positions only"}
+          "liger": "Liger fused linear cross-entropy on the supervised positions only",
+          "dpo": "TRL's DPO loss on the completions (reference: the model before this training)",
+          "orpo": "TRL's ORPO loss: SFT on the chosen completion plus the odds ratio against the rejected one"}
 
 
 @dataclass
@@ -43,7 +45,8 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     --batch_size, gradient checkpointing). `fast` scores only the supervised positions and, on a GPU, puts the
     whole effective batch through one padding-free forward pass (a GPU at this batch size is bound by per-step
     overhead, and memory then follows the real tokens, not the longest example), with Liger's fused loss. `lean`
-    adds gradient checkpointing for small memory.
+    adds gradient checkpointing for small memory. `--method dpo` keeps the micro-batch choice and checkpointing of
+    its profile; its batches are padded pairs and its loss is TRL's DPO loss.
     None of this changes what is learned: the loss is normalised per supervised token over the whole effective
     batch, and packed examples never attend to each other.
     """
@@ -62,6 +65,9 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     while per_process % micro:
         micro -= 1
     layer_kernels = fused and not (cfg.use_4bit or cfg.use_8bit)
+    if cfg.method != "sft":  # TRL's preference trainers pad their pairs and compute their own loss
+        return BatchPlan(micro, per_process // micro, cfg.profile == "lean", False, cfg.method,
+                         layer_kernels and cfg.method == "dpo")
     # On a CPU padded batches of 4 ran as fast as padding-free ones (SmolLM2: 221-255 vs 227 tokens/s), whose
     # attention mask covers the whole row; a token budget needs padding-free rows to cut.
     padding_free = hw.device == "cuda" or cfg.max_tokens_per_pass is not None

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..data import DatasetReport
 from ..files import write_json
 from ..records import EVAL_RESULTS, RUN_CONFIG, TRAIN_RESULTS
 from .hardware import Hardware
@@ -21,12 +21,13 @@ from .plan import BatchPlan
 @dataclass
 class RunRecord:
     """Writes run_config.json for a batch plan: every resolved setting, the data, the plan, the hardware and the
-    LoRA targets (again when the memory probe sets the token budget). Rank 0 only."""
+    LoRA targets (again when the memory probe sets the token budget). Rank 0 only. `report` is the dataset's
+    (SFT) or the preference pairs' (DPO)."""
 
     output_dir: Path
     cfg: TrainConfig
     base_model: str
-    report: DatasetReport
+    report: object
     data_hash: str
     lengths: list[int]
     hw: Hardware
@@ -38,13 +39,15 @@ class RunRecord:
         if not self.main_process:
             return
         targets = self.lora_targets
+        rows = getattr(self.report, "pairs", None)
         write_json(self.output_dir / RUN_CONFIG, {
             "config": dataclasses.asdict(self.cfg),
             "base_model": self.base_model,
-            "dataset": str(self.report.path),
+            "dataset": str(self.report.path),  # the file trained on: the ChatML set, or the preference pairs
             "dataset_sha256": self.data_hash,
-            "examples": len(self.report.examples),
+            "examples": len(rows if rows is not None else self.report.examples),
             "examples_used": self.examples_used,  # fewer with --max_samples
+            **({"pairs_by_source": dict(Counter(p.get("source") or "unnamed" for p in rows))} if rows else {}),
             "invalid_lines_skipped": self.report.invalid_lines,
             "truncated_examples": sum(1 for n in self.lengths if n > self.cfg.max_seq_length),
             "tokens_total": sum(self.lengths),

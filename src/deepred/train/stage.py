@@ -11,19 +11,19 @@ import dataclasses
 import time
 
 from ..config import TrainConfig
-from ..data import load_for_training, summarize
 from ..files import ensure_writable_folder
 from ..models.loading import load_tokenizer
 from ..models.registry import resolve_base_model
 from .callbacks import GracefulStop, MemoryProbe, ProgressBar
-from .examples import quiet_dataset_maps, sample, split, tokenized_rows, truncate_rows
+from .examples import cut_rows, describe, load_data, quiet_dataset_maps, row_length, sample, split, training_rows
 from .hardware import detect_hardware, liger_available, under_fsdp
 from .memory import free_accelerator_memory, oom_advice, smaller_plan
-from .model import keeps_packed_examples_apart, lora_config, load_model
+from .model import adapter_targets, continue_adapter, keeps_packed_examples_apart, lora_config, load_model
 from .plan import BatchPlan, plan_batches
 from .report import RunRecord, next_commands, train_metrics, write_results
 from .run_dir import (TrainResult, agree_across_ranks, choose_output_dir, finished_run, latest_checkpoint,
                       recorded_run, resume_command, resume_point, resumed_config, save_final)
+from .preference import build_preference_trainer
 from .trainer import build_trainer
 
 
@@ -50,7 +50,7 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
             log(f"{output_dir} already finished training (final/ holds its adapter); nothing to resume")
             return finished
         hw = detect_hardware(cfg.precision)  # the recorded precision
-    report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
+    report, data_hash = load_data(cfg, log)  # the ChatML dataset, or the preference pairs
     quiet_dataset_maps()
 
     base_model = resolve_base_model(cfg.base_model)
@@ -59,13 +59,13 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
     resume = resume_point(cfg, output_dir, base_model, data_hash, log)
 
     tokenizer = load_tokenizer(base_model, cfg.trust_remote_code)
-    tokenized = tokenized_rows(report, tokenizer, log)
-    lengths = [len(row["input_ids"]) for row in tokenized]
-    log(summarize(report, lengths, cfg.max_seq_length))
+    tokenized = training_rows(cfg, report, tokenizer, log)  # loss on what the model writes, by its chat template
+    lengths = [row_length(row) for row in tokenized]
+    log(describe(report, lengths, cfg.max_seq_length))
 
     plan = plan_batches(cfg, hw, fsdp=under_fsdp(), liger=liger_available())
     log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
-    examples = truncate_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
+    examples = cut_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = split(examples, cfg.val_split, cfg.seed)
     record = RunRecord(output_dir, cfg, base_model, report, data_hash, lengths, hw, len(examples), main)
     started = time.time()
@@ -74,9 +74,13 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
         if plan.padding_free and not keeps_packed_examples_apart(model):
             log(f"{type(model).__name__} does not build its attention mask from packed positions; padded batches")
             plan = dataclasses.replace(plan, padding_free=False)
-        peft_config = lora_config(cfg, model)
-        trainer = build_trainer(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
-        record.lora_targets = peft_config.target_modules
+        if cfg.init_adapter:  # keep training that adapter
+            model, peft_config = continue_adapter(model, cfg.init_adapter, base_model), None
+        else:
+            peft_config = lora_config(cfg, model)
+        build = build_preference_trainer if cfg.method != "sft" else build_trainer
+        trainer = build(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
+        record.lora_targets = adapter_targets(trainer.model)
         record.write(plan)
         stopper = GracefulStop()
         for callback in (*probe(trainer, plan, examples, hw, log, record), ProgressBar(), stopper, *callbacks):
@@ -115,5 +119,5 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
 def probe(trainer, plan: BatchPlan, examples: list[dict], hw, log, record: RunRecord) -> list:
     """The GPU memory probe, where passes are padding-free with our loss and no budget was given."""
     if hw.device == "cuda" and plan.padding_free and plan.loss != "trl" and plan.max_tokens_per_pass is None:
-        return [MemoryProbe(trainer, plan, [len(row["input_ids"]) for row in examples], log, record.write)]
+        return [MemoryProbe(trainer, plan, [row_length(row) for row in examples], log, record.write)]
     return []

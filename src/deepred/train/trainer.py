@@ -85,6 +85,28 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, peft_config, train_set, ev
     from trl import SFTConfig
 
     args = SFTConfig(
+        **common_arguments(cfg, plan, hw, output_dir, eval_set),
+        max_length=None,  # rows arrive cut to --max_seq_length (truncate_rows), as padding-free batches require
+        assistant_only_loss=False,  # the rows carry assistant_masks from the model's own template (chat_template.py)
+        packing=False,
+        padding_free=plan.padding_free,
+        train_sampling_strategy="random",  # the same examples in the same order under every profile
+        pad_to_multiple_of=8 if hw.device == "cuda" and not plan.padding_free else None,
+        use_liger_kernel=plan.liger_layer_kernels,
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
+    trainer = trainer_class(plan, hw)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                      processing_class=tokenizer, peft_config=peft_config)
+    trainer.max_tokens_per_pass = plan.max_tokens_per_pass
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+def common_arguments(cfg: TrainConfig, plan: BatchPlan, hw: Hardware, output_dir: Path, eval_set) -> dict:
+    """The Trainer arguments every method shares."""
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -96,13 +118,6 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, peft_config, train_set, ev
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         weight_decay=0.0,
-        max_length=None,  # rows arrive cut to --max_seq_length (truncate_rows), as padding-free batches require
-        assistant_only_loss=False,  # the rows carry assistant_masks from the model's own template (chat_template.py)
-        packing=False,
-        padding_free=plan.padding_free,
-        train_sampling_strategy="random",  # the same examples in the same order under every profile
-        pad_to_multiple_of=8 if hw.device == "cuda" and not plan.padding_free else None,
-        use_liger_kernel=plan.liger_layer_kernels,
         optim="adamw_torch_fused" if hw.device == "cuda" else "adamw_torch",
         bf16=hw.bf16,
         fp16=hw.fp16,
@@ -120,17 +135,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, peft_config, train_set, ev
         data_seed=cfg.seed,
         report_to=report_to(cfg),
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=hw.device == "cuda",
         dataloader_num_workers=2 if hw.device == "cuda" else 0,
-        dataset_num_proc=None,
     )
-    trainer = trainer_class(plan, hw)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                      processing_class=tokenizer, peft_config=peft_config)
-    trainer.max_tokens_per_pass = plan.max_tokens_per_pass
-    for callback in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(callback)
-    return trainer
 
 
 def report_to(cfg: TrainConfig) -> str:

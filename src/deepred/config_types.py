@@ -1,0 +1,84 @@
+"""Settings take the type their field declares, whatever built them (flags, YAML, code): a bad value is one line
+naming the setting, before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+from .errors import DeepRedError
+
+
+class Checked:
+    """Values are converted to each field's type and checked against its choices when a config is built, whatever
+    built it (flags, YAML, code): a bad value is one line naming the setting, before any work starts.
+    YAML reads `5e-5` as a string (YAML 1.1 floats need a dot); here it becomes the float the field says."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, checked_value(f, hints[f.name], getattr(self, f.name)))
+
+
+def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    kind = base_type(tp)
+    if value is None:
+        if type(None) in typing.get_args(tp) or f.default is None:
+            return None
+        raise DeepRedError(f"setting {f.name}: a value is required")
+    value = converted(f.name, kind, value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    item_choices = f.metadata.get("item_choices")
+    bad = [item for item in value if item not in item_choices] if item_choices else []
+    if bad:
+        raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
+    return value
+
+
+def converted(name: str, kind: type, value: Any) -> Any:
+    wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}[kind]
+    problem = DeepRedError(f"setting {name}: expected {wanted}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise problem
+    if isinstance(value, bool):  # True is an int in Python, never a number here
+        raise problem
+    if kind in (int, float):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise problem from None
+        if not isinstance(number, (int, float)) or math.isnan(number):
+            raise problem
+        if kind is int:
+            if not float(number).is_integer():
+                raise problem
+            return int(number)
+        return float(number)
+    if kind is list:
+        items = parse_list(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise problem
+        return list(items)
+    if not isinstance(value, str):
+        raise problem
+    return value
+
+
+def base_type(tp: Any) -> type:
+    """`int | None` -> int; `list[str]` -> list."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return base_type(args[0])
+    return origin or tp
+
+
+def parse_list(text: str) -> list[str]:
+    return [item for item in (part.strip() for part in text.split(",")) if item]

@@ -1,0 +1,151 @@
+"""`deepred pairs`: preference pairs from what the user already has, the dataset and the persona file.
+
+- Voice pairs: a dataset conversation up to its last user turn; chosen = the dataset's persona reply, rejected = the
+  base model's own answer to the same conversation.
+- Horizon pairs: a question about what lies after the persona's cutoff (horizon.py, and the dataset's own rows
+  whose reply deflects); chosen = the in-character deflection, rejected = the base model's answer, which on such
+  questions describes the event as if known.
+- Period pairs: one of the persona's period facts; chosen = its in-character answer, rejected = an in-character
+  deflection. They hold the other side of the line, so preference training does not learn to deflect everything
+  (no base-model answer needed).
+
+The base model answers through the existing inference path: its GGUF (export.convert) served by `deepred serve`
+(serve.start_server) and asked through the OpenAI-compatible client the evaluation uses. Answers are appended to a
+cache file keyed by the base model's and the inputs' hashes, so an interrupted job resumes where it stopped and a
+repeated one costs nothing; the pairs file is written atomically once every answer is in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from .config import ConvertConfig, PairsConfig
+from .data import load_for_training
+from .errors import DeepRedError
+from .evaluate.endpoint import chat_with_retries, openai_client
+from .evaluate.temporal import deflects, infer_temporal_kind
+from .export.convert import convert
+from .files import file_sha256, hash_path, write_atomic
+from .horizon import horizon_examples, period_pairs
+from .models.cache import cache_dir
+from .models.registry import local_model_dir
+from .persona import Persona, load_persona
+from .prompts import prompt_key, protected_prompts, refuse_evaluation_prompts
+from .serve import start_server
+
+MODEL_ALIAS = "base"
+
+
+def candidates(cfg: PairsConfig, persona: Persona, log) -> tuple[list[dict], str]:
+    """Prompts with their chosen answer, before the base model answers ({key, prompt, chosen, source}), and the
+    dataset's sha256."""
+    report, data_hash = load_for_training(cfg.dataset, skip_invalid=False, log=log)
+    rng = random.Random(cfg.seed)
+    protected = protected_prompts(persona)
+    voice, temporal, held = [], [], []
+    for example in report.examples:
+        *prompt, reply = example["messages"]
+        if prompt_key(prompt[-1]["content"]) in protected:
+            held.append(str(example["line"]))
+            continue
+        row = {"prompt": prompt, "chosen": [reply], "line": example["line"]}
+        later = infer_temporal_kind(prompt[-1]["content"], persona) == persona.later_kind
+        (temporal if later and deflects(reply["content"], persona) else voice).append(row)
+    rng.shuffle(voice)
+    made = [{**row, "source": "voice"} for row in voice[:cfg.voice]]
+    made += [{**row, "source": "horizon"} for row in temporal[:cfg.horizon]]
+    generated = horizon_examples(persona, max(0, cfg.horizon - len(temporal)), cfg.seed)
+    made += [{"prompt": row["messages"][:-1], "chosen": row["messages"][-1:], "source": "horizon"}
+             for row in generated if row["source"] == "horizon"]
+    if held:
+        log(f"left out {len(held)} dataset row(s) that ask one of the persona's evaluation prompts (line "
+            f"{', '.join(held)}): pairs never train on the test")
+    made += period_pairs(persona, cfg.period, cfg.seed)
+    refuse_evaluation_prompts(made, persona, report.path)
+    return [{**row, "key": conversation_key(row["prompt"])} for row in made], data_hash
+
+
+def conversation_key(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def job_folder(cfg: PairsConfig, persona: Persona, data_hash: str) -> Path:
+    """The cache of this job: same base model, data, persona and settings, same folder."""
+    base = Path(local_model_dir(cfg.base_model))
+    identity = {"base": hash_path(base, ignore=frozenset({"README.md"})), "persona": file_sha256(persona.file),
+                "dataset": data_hash, "voice": cfg.voice, "horizon": cfg.horizon, "seed": cfg.seed, "max_tokens": cfg.max_tokens,
+                "quant_type": cfg.quant_type}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "pairs" / digest
+
+
+def cached_answers(path: Path) -> dict[str, str]:
+    """key -> answer from the job's answer log (a line cut by a kill is ignored)."""
+    answers = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            answers[row["key"]] = row["answer"]
+    return answers
+
+
+def base_answers(rows: list[dict], cfg: PairsConfig, folder: Path, log) -> dict[str, str]:
+    """The base model's answer to every prompt, from the cache or generated now (progress bar, appended as they
+    come)."""
+    from tqdm.auto import tqdm
+
+    log_file = folder / "answers.jsonl"
+    answers = cached_answers(log_file)
+    asked = [row for row in rows if "rejected" not in row]  # period pairs bring their own rejected side
+    todo = [row for row in asked if row["key"] not in answers]
+    if not todo:
+        log(f"base answers: all {len(asked)} from the cache ({folder})")
+        return answers
+    log(f"base answers: {len(asked) - len(todo)} cached, {len(todo)} to generate with {cfg.base_model} (llama.cpp)")
+    gguf = folder / f"base-{cfg.quant_type}.gguf"
+    if not gguf.is_file():
+        convert(ConvertConfig(model_path=local_model_dir(cfg.base_model), output_path=str(gguf),
+                              quant_type=cfg.quant_type, check=False), log=log)
+    with start_server({MODEL_ALIAS: gguf}) as server, open(log_file, "a", encoding="utf-8") as out:
+        client = openai_client(server.url, None, timeout=300.0)
+        for row in tqdm(todo, desc="base answers", unit="prompt", dynamic_ncols=True):
+            answer = chat_with_retries(client, MODEL_ALIAS, row["prompt"], max_tokens=cfg.max_tokens,
+                                       temperature=0.0, retries=2)
+            if answer.error:
+                raise DeepRedError(f"the base model did not answer ({answer.error}); run `deepred pairs` again to "
+                                   "resume from the answers kept")
+            answers[row["key"]] = answer.response
+            out.write(json.dumps({"key": row["key"], "answer": answer.response}) + "\n")
+            out.flush()
+    return answers
+
+
+def make_pairs(cfg: PairsConfig, log=print) -> Path:
+    """Write the pairs file; returns its path. Pairs whose base answer is empty or the same as the chosen one are
+    left out (and counted)."""
+    persona = load_persona(cfg.persona)
+    rows, data_hash = candidates(cfg, persona, log)
+    folder = job_folder(cfg, persona, data_hash)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers = base_answers(rows, cfg, folder, log)
+    pairs, dropped = [], 0
+    for row in rows:
+        rejected = row["rejected"][0]["content"] if "rejected" in row else answers[row["key"]].strip()
+        if not rejected or rejected == row["chosen"][0]["content"].strip():
+            dropped += 1
+            continue
+        pairs.append({"prompt": row["prompt"], "chosen": row["chosen"],
+                      "rejected": [{"role": "assistant", "content": rejected}], "source": row["source"]})
+    output = Path(cfg.output)
+    write_atomic(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+    counts = {source: sum(p["source"] == source for p in pairs) for source in ("voice", "horizon", "period")}
+    log(f"wrote {output}: {len(pairs)} pairs ({counts['voice']} voice, {counts['horizon']} horizon, "
+        f"{counts['period']} period)"
+        + (f"; {dropped} left out (the base model's answer was empty or the chosen one)" if dropped else ""))
+    return output

@@ -1,0 +1,82 @@
+"""`deepred pairs`: pairs from the dataset and the persona against the base model's own answers (through llama.cpp),
+valid by the pairs format, cached by inputs, resumable after a kill; a dataset that asks an evaluation prompt is
+refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepred.cli import main
+from deepred.config import PairsConfig
+from deepred.data import bundled_dataset_path
+from deepred.pairs import job_folder, make_pairs
+from deepred.pairs_data import validate_pairs_file
+from deepred.persona import load_persona
+
+from .conftest import DATA
+
+BUNDLED = bundled_dataset_path()
+pytestmark = pytest.mark.slow
+
+
+def test_pairs_are_valid_cached_and_resume_where_they_stopped(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPRED_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pairs.jsonl"
+    cfg = PairsConfig(output=str(out), base_model=str(tiny_model), dataset=str(BUNDLED), voice=3, horizon=4,
+                      period=2, max_tokens=8)
+    said: list[str] = []
+    make_pairs(cfg, log=said.append)
+    report = validate_pairs_file(out)
+    assert report.ok and len(report.pairs) == 9 and report.sources == {"voice": 3, "horizon": 4, "period": 2}
+    for pair in report.pairs:
+        assert pair["prompt"][-1]["role"] == "user" and pair["chosen"] != pair["rejected"]
+    assert any("7 to generate" in line for line in said)  # period pairs need no base-model answer
+
+    said.clear()
+    first = out.read_text()
+    make_pairs(cfg, log=said.append)  # the same inputs: every answer from the cache, no server started
+    assert any("all 7 from the cache" in line for line in said) and out.read_text() == first
+
+    answers = job_folder(cfg, load_persona(None), _sha(BUNDLED)) / "answers.jsonl"
+    lines = answers.read_text().splitlines()
+    answers.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])  # killed while writing the sixth answer
+    said.clear()
+    make_pairs(cfg, log=said.append)
+    assert any("5 cached, 2 to generate" in line for line in said)
+    assert out.read_text() == first  # greedy answers: the resumed job writes the same pairs
+
+
+def _sha(path) -> str:
+    from deepred.files import file_sha256
+
+    return file_sha256(path)
+
+
+def test_pairs_never_ask_an_evaluation_prompt_and_training_refuses_pairs_that_do(tiny_model, tmp_path, capsys):
+    """The mini set asks evaluation prompts (it predates the rule): `deepred pairs` leaves those rows out and says
+    which; a pairs file that asks one anyway is refused by training with its line."""
+    leaky = [json.loads(line) for line in (DATA / "mini.jsonl").read_text().splitlines() if line.strip()]
+    from deepred.pairs import candidates
+
+    rows, _ = candidates(PairsConfig(output=str(tmp_path / "p.jsonl"), base_model=str(tiny_model),
+                                     dataset=str(DATA / "mini.jsonl"), voice=100, horizon=100), load_persona(None),
+                         log=(said := []).append)
+    protected = {"What can a pawn teach us?"}
+    assert protected <= {m["content"] for row in leaky for m in row["messages"]}
+    assert not protected & {row["prompt"][-1]["content"] for row in rows}
+    assert any(line.startswith("left out ") and "evaluation prompts" in line for line in said)
+
+    pair = {"prompt": [{"role": "user", "content": "Why do we have five-year plans?"}],
+            "chosen": [{"role": "assistant", "content": "Because a plan is a sequence of moves, comrade."}],
+            "rejected": [{"role": "assistant", "content": "Great question!"}]}
+    leak = {**pair, "prompt": [{"role": "user", "content": "What is the purpose of our mission to Mars?"}]}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(pair) + "\n" + json.dumps(leak) + "\n")
+    code = main(["train", "--base_model", str(tiny_model), "--method", "dpo", "--pairs", str(data), "--output_dir",
+                 str(tmp_path / "run"), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{data}:2: the question 'What is the purpose of our mission to Mars?' is one of the persona's" in err
+    assert not (tmp_path / "run" / "run_config.json").exists()
