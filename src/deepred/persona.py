@@ -20,8 +20,8 @@ from .errors import DeepRedError
 
 LAST_YEAR = 2099  # years after the cutoff up to this one count as later knowledge
 TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
-             "categories", "temporal_category", "style", "knowledge", "targets"}
-STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "judge_traits"}
+             "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
+STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "contrast_anchors", "judge_traits"}
 KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections", "horizon"}
 HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts"}
 
@@ -73,6 +73,9 @@ class Persona:
     sample_question: str | None = None  # what deploy and merge ask to show the model answers (default: prompt 1)
     heldout_prompts_path: Path | None = None  # prompts no training data or tuning decision may use
     horizon: Horizon | None = None  # training material about later years (knowledge.horizon)
+    contrast_anchors: tuple[str, ...] = ()  # voices this persona is not (style.contrast_anchors), beside the
+    #                                         other bundled personas' anchors (evaluate/contrast.py)
+    out_of_character: re.Pattern | None = None  # the file's own out-of-character phrases, beside the built-in ones
 
     @property
     def evaluation_system_prompt(self) -> str:
@@ -243,7 +246,9 @@ class _Reader:
             later_years=re.compile(later_years, re.IGNORECASE), years_after=years,
             deflections=self.pattern(("knowledge", "deflections"), required=False), targets=self.targets(),
             sample_question=self.text(("sample_question",), required=False),
-            heldout_prompts_path=self.heldout_prompts_path(), horizon=self.horizon(cutoff))
+            heldout_prompts_path=self.heldout_prompts_path(), horizon=self.horizon(cutoff),
+            contrast_anchors=tuple(self.texts(("style", "contrast_anchors"), minimum=3, required=False)),
+            out_of_character=self.pattern(("out_of_character",), required=False))
 
     def cutoff(self) -> int:
         self.mapping(("knowledge",), KNOWLEDGE_KEYS)

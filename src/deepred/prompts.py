@@ -3,6 +3,11 @@ bad line named.
 
 Read by evaluation (the questions it asks), validation (which of them a dataset trains on) and the stages that ask
 one question to show a model answers (the persona's sample question).
+
+A row's `kind` says which temporal rule judges it: `post_<cutoff>` (or its era-neutral spelling `post_cutoff`, read
+as `post_<cutoff>`: that is how it is compared and reported) for a question about later years, `control` for one
+about the world up to the cutoff (answered when one of `expect_any` appears), `unknown` for the anachronism check
+alone. Any other kind would switch a rule off without a word, so it is refused with its FILE:LINE.
 """
 
 from __future__ import annotations
@@ -44,14 +49,37 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
 def load_prompts(path: str | Path | None = None, persona: Persona | None = None) -> list[dict]:
     """Prompt rows {id, category, prompt[, kind, expect_any]} from JSONL; default: the persona's prompts (Deep
     Red's: the bundled 72)."""
-    path = Path(path) if path else (persona or default_persona()).prompts_path
+    persona = persona or default_persona()
+    path = Path(path) if path else persona.prompts_path
     prompts = []
     for row in read_jsonl(path, "prompts"):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DeepRedError(f"{path}:{row['_line']}: needs a non-empty \"prompt\" string")
-        prompts.append(prompt_fields(row, f"prompt-{row['_line']:03d}"))
+        prompts.append(prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path)))
     check_unique_ids(prompts, path)
     return prompts
+
+
+LATER_KIND = "post_cutoff"  # the era-neutral spelling of post_<cutoff>
+PLAIN_KINDS = ("control", "unknown")
+
+
+def checked_kind(row: dict, persona: Persona, path: str | Path) -> str | None:
+    """The row's temporal kind as the evaluator compares it (`post_cutoff` -> post_<cutoff>); a kind that names
+    another year, or no kind the evaluator knows, is a one-line DeepRedError naming FILE:LINE."""
+    kind = row.get("kind")
+    if not kind:
+        return None
+    later = persona.later_kind
+    where = f"{path}:{row.get('_line', '?')}"
+    if kind in (LATER_KIND, later) or kind in PLAIN_KINDS:
+        return later if kind == LATER_KIND else kind
+    if isinstance(kind, str) and kind.startswith("post_"):
+        raise DeepRedError(f"{where}: kind {kind!r} names a year other than {persona.title}'s cutoff "
+                           f"{persona.cutoff}, so the later-years rule would not judge it; write kind {later} "
+                           f"(or {LATER_KIND})")
+    raise DeepRedError(f"{where}: unknown kind {kind!r}; write {later} (or {LATER_KIND}) for a question about after "
+                       f"the cutoff, control (with expect_any) for one about the world up to it, or leave it out")
 
 
 def load_heldout_prompts(persona: Persona) -> list[dict]:
@@ -59,15 +87,17 @@ def load_heldout_prompts(persona: Persona) -> list[dict]:
     if persona.heldout_prompts_path is None:
         raise DeepRedError(f"{persona.file}: persona '{persona.name}' has no held-out prompts; add "
                            "'heldout_prompts: FILE.jsonl' to it (see README, 'Your own persona')")
-    return load_prompts(persona.heldout_prompts_path)
+    return load_prompts(persona.heldout_prompts_path, persona)
 
 
-def prompt_fields(row: dict, default_id: str) -> dict:
+def prompt_fields(row: dict, default_id: str, kind: str | None = None) -> dict:
+    """id, category, prompt and, where given, kind (`kind`, already checked, else the row's) and expect_any."""
     prompt = {"id": str(row.get("id") or default_id), "category": row.get("category"),
               "prompt": row.get("prompt") or ""}
-    for key in ("kind", "expect_any"):
-        if row.get(key):
-            prompt[key] = row[key]
+    if kind or row.get("kind"):
+        prompt["kind"] = kind or row["kind"]
+    if row.get("expect_any"):
+        prompt["expect_any"] = row["expect_any"]
     return prompt
 
 

@@ -1,7 +1,7 @@
 """`deepred evaluate` as a package whose layout is the flow of an evaluation (docs/metrics.md defines the metrics):
 
     (deepred.persona, deepred.prompts: the persona file and its prompts, shared with the other stages)
-    text.py, stats.py                shared helpers
+    text.py, stats.py, contrast.py   shared helpers; the other personas an answer is contrasted with
     style.py, voice.py, temporal.py, coherence.py      detectors, each testable alone
     embeddings.py, perplexity.py     the model-based scorers
     endpoint.py, models.py, judge.py model clients (OpenAI-compatible endpoint, local transformers, the judge)

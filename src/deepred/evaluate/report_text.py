@@ -37,7 +37,20 @@ def summary_text(report: dict) -> str:
     for label, side in sides.items():
         if side["failures"]["count"]:
             lines.append(f"{label}: {side['failures']['count']} request(s) failed and count as failures")
+        if drift_text(report, side):
+            lines.append(f"{label}: {drift_text(report, side)}")
     return "\n".join(lines)
+
+
+def drift_text(report: dict, side: dict) -> str | None:
+    """A line when answers sit nearer another persona's anchors than this persona's: a tune drifting into another
+    character (or answers of another persona scored as this one)."""
+    nearer = side["style_consistency"].get("nearer_another_persona") or {}
+    if not nearer:
+        return None
+    whom = ", ".join(f"{name} {count}" for name, count in nearer.items())
+    return (f"{sum(nearer.values())} of {side['style_consistency']['count']} answers are nearer another persona's "
+            f"anchor sentences than {persona_title(report)}'s ({whom})")
 
 
 def render_markdown(report: dict) -> str:
@@ -59,6 +72,8 @@ def render_markdown(report: dict) -> str:
             cells.append("n/a" if diff is None else f"{diff * 100:+.1f} pts")
         lines.append(f"| {METRIC_TITLES[metric]} | " + " | ".join(cells)
                      + f" | {sides[labels[0]][metric]['target_text']} |")
+    drift = [f"- **{label}**: {drift_text(report, side)}" for label, side in sides.items() if drift_text(report, side)]
+    lines += ["", "Nearer another persona:", "", *drift] if drift else []
     lines += ["", "## Per category (in style / in character / coherent)", ""]
     lines += _category_table_md(sides)
     for label, side in sides.items():
@@ -96,7 +111,9 @@ def flags(entry: dict, with_style: bool = True) -> list[str]:
     if entry.get("error"):
         found.append(f"request failed: {entry['error']}")
     if with_style and not entry["in_style"]:
-        found.append(f"not in style ({entry['style_score']:.2f})")
+        nearer = (entry.get("contrast_margin") or 0) < 0
+        found.append(f"not in style ({entry['style_score']:.2f}"
+                     + (f", nearer {entry['nearest_other_persona']})" if nearer else ")"))
     if entry["out_of_character"] and not entry.get("error"):
         found.append("out of character: " + "; ".join(entry["voice_violations"]))
     if entry.get("temporal_violation") and not entry.get("error"):

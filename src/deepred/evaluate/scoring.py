@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Callable
 
 from .coherence import coherence_stats, incoherence_reasons, legible, readable
-from .embeddings import anchor_similarities
+from .embeddings import anchor_similarities, contrast_similarities
 from .perplexity import PerplexityScorer
 from ..persona import Persona, default_persona
-from .style import STYLE_THRESHOLD, generic_markers, prompt_topics, style_fields, style_score
+from .style import STYLE_THRESHOLD, generic_markers, own_fields, prompt_topics, style_fields, style_score
 from .temporal import anachronisms, temporal_check
 from .voice import voice_violations
 
@@ -37,15 +37,17 @@ def score_responses(rows: list[dict], *, perplexity: PerplexityScorer | None = N
     persona = persona or default_persona()
     texts = [row.get("response") or "" for row in rows]
     similarities = anchor_similarities(texts, persona)
+    contrasts = contrast_similarities(texts, persona)
     entries = []
-    for index, (row, text, (persona_sim, generic_sim)) in enumerate(zip(rows, texts, similarities)):
-        entries.append(_score_one(row, text, persona_sim, generic_sim, perplexity, persona))
+    for index, (row, text, (persona_sim, generic_sim), contrast) in enumerate(zip(rows, texts, similarities,
+                                                                                contrasts)):
+        entries.append(_score_one(row, text, persona_sim, generic_sim, contrast, perplexity, persona))
         if log and (index + 1) % 25 == 0:
             log(f"  scored {index + 1}/{len(rows)}")
     return entries
 
 
-def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
+def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float, contrast: tuple[str, float] | None,
                perplexity: PerplexityScorer | None, persona: Persona) -> dict:
     prompt = row.get("prompt") or ""
     category = row.get("category")
@@ -53,7 +55,10 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
     fields = style_fields(text, prompt, persona)
     generic = generic_markers(text, prompt)
     margin = persona_sim - generic_sim
-    score = style_score(fields, generic, margin, prompt_topics(prompt, persona))
+    nearest, contrast_sim = contrast or (None, None)
+    contrast_margin = None if contrast is None else persona_sim - contrast_sim
+    score = style_score(fields, generic, margin, prompt_topics(prompt, persona), contrast_margin)
+    own = own_fields(text, prompt, persona)
     stats = coherence_stats(text)
     unreadable = [] if legible(stats) else ["unreadable answer: character cannot be shown"]
     voice = voice_violations(text, persona) + unreadable
@@ -61,13 +66,16 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float,
     incoherent = incoherence_reasons(stats, ppl, bool(perplexity and perplexity.informative))
     entry = {
         "id": row.get("id"), "category": category, "prompt": prompt, "response": row.get("response"),
-        "in_style": bool(score >= STYLE_THRESHOLD and fields and readable(stats)) and not error,
+        "in_style": bool(score >= STYLE_THRESHOLD and own and readable(stats)) and not error,
         "out_of_character": bool(voice) or bool(error),
         "temporal_violation": None,
         "coherent": not incoherent and not error,
         "style_score": score, "style_fields": fields, "generic_markers": generic,
         "persona_similarity": round(persona_sim, 4), "generic_similarity": round(generic_sim, 4),
         "embedding_margin": round(margin, 4),
+        "own_fields": own, "nearest_other_persona": nearest,
+        "contrast_similarity": None if contrast is None else round(contrast_sim, 4),
+        "contrast_margin": None if contrast is None else round(contrast_margin, 4),
         "voice_violations": voice,
         "anachronisms": anachronisms(text, prompt, persona),
         **stats, "perplexity": ppl, "incoherence": incoherent,

@@ -3,10 +3,11 @@
 Rows of the persona's temporal category only. A question about later years (kind post_<cutoff>) is answered
 compliantly when the answer shows no later knowledge: no term of the persona's later-events lexicon, and no later
 year unless it echoes the prompt or sits in a deflection ("that lies beyond my knowledge") or a forward-looking
-sentence; a term the prompt itself uses counts only in an assertive sentence. A `control` question (about the
-world up to the cutoff) is compliant when the answer holds one of its expected keywords outside a deflection and
-has no anachronism. The English grammar of deflection, prediction and narration is here; the persona file adds
-its cutoff, its lexicon and its own deflection phrases.
+sentence; a term the prompt itself uses counts only in an assertive sentence (not a question, a prediction or a
+negation of knowledge such as "I have never heard of it"). `post_cutoff` is the era-neutral spelling of the kind.
+A `control` question (about the world up to the cutoff) is compliant when the answer holds one of its expected
+keywords outside a deflection or negation and has no anachronism. The English grammar of deflection, negation,
+prediction and narration is here; the persona file adds its cutoff, its lexicon and its own deflection phrases.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from functools import lru_cache
 
 from ..persona import Persona, default_persona
+from ..prompts import LATER_KIND
 from .text import distinct_matches, sentences, stems
 
 # Ways of saying "I cannot know that", whoever speaks.
@@ -34,6 +36,15 @@ DEFLECTION = stems(
     r"has not been written", r"cannot look", r"can only speak of",
     r"speculat", r"i will not guess", r"cannot guess",
     r"(?:not able|unable) to (?:look|say|know|tell|answer|see|confirm|find)", r"(?:can't|cannot|can not) browse")
+# Ways of saying "I know of no such thing": a name echoed from the question in such a sentence is not knowledge of
+# it ("I have never heard of Constantine. There is no Constantine of any note."). Unlike a deflection, a sentence of
+# this kind still counts a later name the question did not use: one cannot have "never heard of" a name one was not
+# told.
+NEGATION = stems(
+    r"never (?:heard|known|seen|met|read) (?:tell |word )?of", r"never heard (?:the|that|this|such a) (?:name|word)",
+    r"no (?:[\w'-]+ ){1,4}?of (?:any )?(?:note|consequence|importance|renown|repute|account)\b",
+    r"(?:i|we) (?:do not|don't|did not|didn't) know\b", r"(?:i|we) know (?:of )?no\b", r"(?:no one|nobody) "
+    r"(?:here |in \w+ )?(?:knows|has heard|had heard)", r"not (?:a name|a word|one) (?:i|we) (?:know|recogni)")
 # Future or hypothetical grammar only: "plan" or "hope" alone do not make a sentence a prediction.
 FORWARD_LOOKING = stems(
     r"will\b", r"shall\b", r"would\b", r"could\b", r"might\b", r"may\b", r"perhaps", r"imagine",
@@ -56,6 +67,11 @@ def deflects(text: str, persona: Persona) -> bool:
     return bool(DEFLECTION.search(text) or (persona.deflections and persona.deflections.search(text)))
 
 
+def disclaims(text: str, persona: Persona) -> bool:
+    """A deflection or a negation of knowledge: either says the subject is not known."""
+    return deflects(text, persona) or bool(NEGATION.search(text))
+
+
 def looks_forward(text: str, persona: Persona) -> bool:
     return bool(FORWARD_LOOKING.search(text) or _by_later_year(persona).search(text))
 
@@ -65,8 +81,8 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
 
     Years the prompt names, and anything inside a deflection sentence, do not count. Years in a forward-looking
     sentence ("by 1980 the domes will stand") are prediction, not knowledge. A later term the prompt itself
-    uses counts only when the answer asserts something about it (not in a question, deflection or hypothesis),
-    or when an echoed year is narrated as a past event.
+    uses counts only when the answer asserts something about it (not in a question, deflection, negation of
+    knowledge or hypothesis), or when an echoed year is narrated as a past event.
     """
     persona = persona or default_persona()
     echoed_terms = distinct_matches(persona.later_terms, prompt)
@@ -76,7 +92,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
         if deflects(sentence, persona):
             continue
         forward = looks_forward(sentence, persona)
-        assertive = not sentence.endswith("?") and not forward
+        assertive = not sentence.endswith("?") and not forward and not NEGATION.search(sentence)
         for term in sorted(distinct_matches(persona.later_terms, sentence)):
             if term not in echoed_terms or assertive:
                 found.append(term)
@@ -102,15 +118,16 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
     """Temporal verdict for one temporal row: violation flag, the reason, and the anachronisms found."""
     persona = persona or default_persona()
     kind = kind or ("control" if expect_any else infer_temporal_kind(prompt, persona))
+    kind = persona.later_kind if kind == LATER_KIND else kind  # the era-neutral spelling, reported as post_<cutoff>
     found = anachronisms(response, prompt, persona)
     cutoff = persona.cutoff
     reason = f"post-{cutoff} knowledge: {', '.join(found)}" if found else None
     if kind == "control" and not found:
         keywords = [k.lower() for k in expect_any or []]
-        answered = [s for s in sentences(response) if not deflects(s, persona)]
+        answered = [s for s in sentences(response) if not disclaims(s, persona)]
         if keywords and not any(k in s.lower() for s in answered for k in keywords):
             reason = f"did not answer (expected one of: {', '.join(keywords)})"
-    elif kind == persona.later_kind and not found and response.strip() and not deflects(response, persona):
+    elif kind == persona.later_kind and not found and response.strip() and not disclaims(response, persona):
         # Real models answer later events as if known without naming one ("In 1970 the Soviets sent a cosmonaut
         # to the Moon"): not saying it lies beyond the cutoff is the leak.
         reason = f"answered a post-{cutoff} question as if known (no word that it lies beyond {cutoff})"

@@ -1,5 +1,6 @@
 """Character voice: does the answer break character? AI self-reference, another assistant or maker named, the
-fourth wall (roleplay, "I am not really <persona>"), the modern assistant register, markdown, emojis."""
+fourth wall (roleplay, "breaking character", "my persona", "I am not really <persona>"), the modern assistant
+register, markdown, emojis, and the persona file's own `out_of_character` phrases."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from ..persona import Persona, default_persona
 from .text import distinct_matches, stems
 
 # The fourth wall is broken in words any persona shares, plus two that name it; see _fourth_wall.
-_FOURTH_WALL_BEFORE = (r"role-?play", r"fictional", r"this persona", r"the persona", r"in character",
-                       r"out of character", r"pretend(?:ing)? to be")
+_FOURTH_WALL_BEFORE = (r"role-?play", r"fictional", r"this persona", r"the persona", r"my persona", r"in character",
+                       r"out of character", r"break(?:ing|s)? (?:the )?character", r"broke (?:the )?character",
+                       r"the fourth wall", r"pretend(?:ing)? to be")
 _FOURTH_WALL_AFTER = (r"this scenario", r"the film", r"this story")
 
 OUT_OF_CHARACTER: dict[str, re.Pattern] = {
@@ -57,7 +59,8 @@ def _checks(persona: Persona) -> dict[str, re.Pattern]:
     """The checks in reporting order: the fourth wall sits between identity and register."""
     checks = dict(OUT_OF_CHARACTER)
     register = checks.pop("assistant_register")
-    return {**checks, "fourth_wall": _fourth_wall(persona), "assistant_register": register}
+    own = {"persona_phrase": persona.out_of_character} if persona.out_of_character else {}
+    return {**checks, "fourth_wall": _fourth_wall(persona), "assistant_register": register, **own}
 
 
 def voice_violations(response: str, persona: Persona | None = None) -> list[str]:
