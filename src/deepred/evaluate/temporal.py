@@ -6,7 +6,8 @@ year unless it echoes the prompt or sits in a deflection ("that lies beyond my k
 sentence; a term the prompt itself uses counts only in an assertive sentence. A `control` question (about the
 world up to the cutoff) is compliant when the answer holds one of its expected keywords outside a deflection and
 has no anachronism. The English grammar of deflection, prediction and narration is here; the persona file adds
-its cutoff, its lexicon and its own deflection phrases.
+its cutoff, its lexicon and its own deflection phrases. Which numbers are later years, in the cutoff's era ("AD 410",
+"in 410, ...", "the fifth century"), is era.py's; a year is echoed however the prompt wrote it (era.year_key).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from ..era import year_key
 from ..persona import Persona, default_persona
 from .text import distinct_matches, sentences, stems
 
@@ -70,7 +72,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
     """
     persona = persona or default_persona()
     echoed_terms = distinct_matches(persona.later_terms, prompt)
-    echoed_years = {y.rstrip("s'") for y in distinct_matches(persona.later_years, prompt)}
+    echoed_years = {year_key(y) for y in distinct_matches(persona.later_years, prompt)}  # "AD 410" = "410 AD"
     found: list[str] = []
     for sentence in sentences(response):
         if deflects(sentence, persona):
@@ -81,7 +83,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
             if term not in echoed_terms or assertive:
                 found.append(term)
         for year in sorted(distinct_matches(persona.later_years, sentence)):
-            if year.rstrip("s'") in echoed_years:
+            if year_key(year) in echoed_years:
                 if assertive and PAST_EVENT.search(sentence):
                     found.append(f"{year} (narrated as past)")
             elif assertive or not forward:
@@ -103,8 +105,8 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
     persona = persona or default_persona()
     kind = kind or ("control" if expect_any else infer_temporal_kind(prompt, persona))
     found = anachronisms(response, prompt, persona)
-    cutoff = persona.cutoff
-    reason = f"post-{cutoff} knowledge: {', '.join(found)}" if found else None
+    cutoff = persona.cutoff_label  # e.g. AD 180, 44 BC
+    reason = f"knowledge after {cutoff}: {', '.join(found)}" if found else None
     if kind == "control" and not found:
         keywords = [k.lower() for k in expect_any or []]
         answered = [s for s in sentences(response) if not deflects(s, persona)]
@@ -113,5 +115,5 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
     elif kind == persona.later_kind and not found and response.strip() and not deflects(response, persona):
         # Real models answer later events as if known without naming one ("In 1970 the Soviets sent a cosmonaut
         # to the Moon"): not saying it lies beyond the cutoff is the leak.
-        reason = f"answered a post-{cutoff} question as if known (no word that it lies beyond {cutoff})"
+        reason = f"answered a question about after {cutoff} as if known (no word that it lies beyond {cutoff})"
     return {"kind": kind, "violation": reason is not None, "reason": reason, "anachronisms": found}
