@@ -4,7 +4,7 @@ years (both sides of every choice of which numbers are years), the cutoff as pro
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def test_labels_and_kinds_read_right_in_every_era():
     ("a 5th-century church", ["5th-century"]), ("the twenty-first century", ["twenty-first century"]),
     ("the third century AD", ["third century AD"]), ("the second century", []), ("the fifth century BC", []),
     # "century" the unit: eighty men of a legion
-    ("the second century of the third cohort", []), ("the fifth century of the legion", []),
+    ("the fourth century of the third cohort", []), ("the fifth century of the legion", []),
     ("a centurion and his century", []),
 ])
 def test_which_numbers_are_later_years_for_a_cutoff_of_180(text, found):
@@ -113,13 +113,13 @@ def test_a_far_future_cutoff_has_later_years_after_it():
 def test_the_bare_years_of_the_first_two_personas_are_unchanged():
     """Deep Red and the butler: bare years after the cutoff up to 2099, as before any era was allowed."""
     for cutoff in (1969, 1899):
-        pattern = __import__("re").compile(rf"\b(?:{years_after(cutoff)})\b")
+        pattern = re.compile(rf"\b(?:{years_after(cutoff)})\b")
         assert {y for y in range(1000, 10000) if pattern.fullmatch(str(y))} == set(range(cutoff + 1, 2100))
 
 
 def test_number_range_is_exact():
     for lo, hi in [(1, 9999), (181, 2099), (2301, 2400), (7, 43), (100, 100), (95, 1005)]:
-        pattern = __import__("re").compile(rf"(?:{number_range(lo, hi)})")
+        pattern = re.compile(rf"(?:{number_range(lo, hi)})")
         assert {n for n in range(0, 10001) if pattern.fullmatch(str(n))} == set(range(lo, hi + 1)), (lo, hi)
 
 
@@ -151,7 +151,7 @@ def test_a_cutoff_of_180_flags_ad_306_and_the_fifth_century_and_passes_ad_100(st
     assert E.anachronisms(period, "Who ruled in AD 100?", stoic) == []
     assert not E.temporal_check(period, "Who ruled in AD 100?", "control", ["trajan"], stoic)["violation"]
     # a count is not a year, and the unit "century" is not a time
-    assert E.anachronisms("Three hundred men, 300 soldiers in all, and the second century of the third cohort "
+    assert E.anachronisms("Three hundred men, 300 soldiers in all, and the fourth century of the third cohort "
                           "held the ford.", "", stoic) == []
     # "A.D." does not end a sentence: the year after it is still marked
     assert E.anachronisms("The city fell in A.D. 410. Nobody expected it.", "", stoic) == ["a.d. 410"]
@@ -190,6 +190,16 @@ def test_a_bc_persona_loads_and_reads_as_bc(tmp_path, written):
     assert E.anachronisms("In 63 BC Cicero was consul.", "", persona) == []
     verdict = E.temporal_check("In 27 BC Octavian took the name Augustus.", "", "post_44bc", None, persona)
     assert verdict["reason"] == "knowledge after 44 BC: 27 bc"
+
+
+def test_a_far_future_persona_loads(tmp_path):
+    """A cutoff after the old LAST_YEAR (2099) was refused; now its later years are the ones after it."""
+    path = stoic_copy(tmp_path, lambda t: t.replace("cutoff: 180 ", "cutoff: 2300 ").replace(
+        "years: [212, 235, 284, 395, 476, 800, 1066, 1453]", "years: [2310]"), kind="post_2300")
+    persona = E.load_persona(path)
+    assert (persona.cutoff_label, persona.later_kind) == ("2300", "post_2300")
+    assert E.anachronisms("In 2350, the fleet reached Titan.", "", persona) == ["2350"]
+    assert E.anachronisms("In 2150, the fleet reached Titan.", "", persona) == []
 
 
 def test_a_report_for_a_cutoff_of_180_says_ad_180(tmp_path):
