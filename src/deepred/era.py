@@ -20,6 +20,9 @@ number counts as a later year only in a form that makes it one:
 For a BC cutoff an unmarked number N is read either way (N BC or AD N), so it counts only when both readings are
 later (N below the cutoff's number); marked AD years and every AD century always count. A number followed by a BC
 marker counts only as a BC year.
+
+Where the forms guess wrong: a bare four-digit count ("1500 legionaries") reads as a year for a cutoff before it,
+and "in 300 Roman ships" reads as one because a capitalised name may start the clause ("In 410 Alaric").
 """
 
 from __future__ import annotations
