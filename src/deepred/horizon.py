@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+from .era import year_label
 from .persona import Persona
 from .prompts import prompt_key, protected_prompts
 
@@ -23,7 +24,8 @@ def horizon_questions(persona: Persona) -> list[tuple[str, str]]:
         return []
     protected = protected_prompts(persona)
     made = [(q.format(topic=topic), topic) for topic in horizon.topics for q in horizon.questions]
-    made += [(q.format(year=year), str(year)) for year in horizon.years for q in horizon.year_questions]
+    labels = [year_label(year) for year in horizon.years]  # 1975, AD 306, 30 BC
+    made += [(q.format(year=label), label) for label in labels for q in horizon.year_questions]
     seen: set[str] = set()
     kept = []
     for question, subject in made:
@@ -56,7 +58,7 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
         order += batch
     rows = []
     for question, subject in order[:count]:
-        reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff)
+        reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff_label)
         rows.append(chat_row(rng.choice(systems), question, reply, "horizon"))
     for fact in persona.horizon.facts:
         rows.append(chat_row(rng.choice(systems), fact["question"], fact["answer"], "period"))
@@ -82,7 +84,7 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     pairs = []
     for fact in facts[:count]:
         system = {"role": "system", "content": rng.choice(systems)}
-        deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff)
+        deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
         pairs.append({"prompt": [system, {"role": "user", "content": fact["question"]}],
                       "chosen": [{"role": "assistant", "content": fact["answer"]}],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})

@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .era import kind_label, later_year_pattern, parse_cutoff, year_label, years_after
 from .errors import DeepRedError
 
-LAST_YEAR = 2099  # years after the cutoff up to this one count as later knowledge
 TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
              "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "contrast_anchors", "judge_traits"}
@@ -64,10 +64,10 @@ class Persona:
     persona_anchors: list[str]
     generic_anchors: list[str]
     judge_traits: str
-    cutoff: int
+    cutoff: int                   # the last year known; BC years negative (era.py)
     later_terms: re.Pattern
-    later_years: re.Pattern       # a year after the cutoff (with 's) or a later century
-    years_after: str              # the bare alternation of those years, for "by 1980"
+    later_years: re.Pattern       # a later year or century, as that era writes it (era.later_year_pattern)
+    years_after: str              # the bare four-digit later years, for "by 1980"
     deflections: re.Pattern | None
     targets: Targets = field(default_factory=Targets)
     sample_question: str | None = None  # what deploy and merge ask to show the model answers (default: prompt 1)
@@ -83,8 +83,13 @@ class Persona:
 
     @property
     def later_kind(self) -> str:
-        """The temporal kind of a question about after the cutoff: post_<cutoff year>."""
-        return f"post_{self.cutoff}"
+        """The temporal kind of a question about after the cutoff: post_<cutoff year> (post_44bc for 44 BC)."""
+        return kind_label(self.cutoff)
+
+    @property
+    def cutoff_label(self) -> str:
+        """The cutoff as prose writes it: 1969, AD 180, 44 BC."""
+        return year_label(self.cutoff)
 
 
 def bundled_persona_path() -> Path:
@@ -227,12 +232,8 @@ class _Reader:
                                 "(see resources/personas/deepred.yaml)")
         self.mapping((), TOP_LEVEL)
         cutoff = self.cutoff()
-        years = years_after(cutoff)
         centuries = self.texts(("knowledge", "later_centuries"), required=False)
         self.pattern(("knowledge", "later_centuries"), required=False)  # each checked as a regex
-        later_years = r"\b(?:" + years + r")(?:'?s)?\b"
-        if centuries:
-            later_years += r"|\b(?:" + "|".join(centuries) + r")\b"
         system_prompts = self.system_prompts()
         return Persona(
             name=self.text(("name",)), title=self.text(("title",)), description=self.text(("description",)),
@@ -243,7 +244,7 @@ class _Reader:
             generic_anchors=self.texts(("style", "generic_anchors"), minimum=3),
             judge_traits=self.text(("style", "judge_traits"), required=False) or "the persona's vocabulary and voice",
             cutoff=cutoff, later_terms=self.pattern(("knowledge", "later_terms")),
-            later_years=re.compile(later_years, re.IGNORECASE), years_after=years,
+            later_years=later_year_pattern(cutoff, centuries), years_after=years_after(cutoff),
             deflections=self.pattern(("knowledge", "deflections"), required=False), targets=self.targets(),
             sample_question=self.text(("sample_question",), required=False),
             heldout_prompts_path=self.heldout_prompts_path(), horizon=self.horizon(cutoff),
@@ -251,12 +252,12 @@ class _Reader:
             out_of_character=self.pattern(("out_of_character",), required=False))
 
     def cutoff(self) -> int:
+        """The last year the persona knows, in any era (era.parse_cutoff: 180, 1899, 2300, -44, '44 BC')."""
         self.mapping(("knowledge",), KNOWLEDGE_KEYS)
-        value = self.get(("knowledge", "cutoff"))
-        if isinstance(value, bool) or not isinstance(value, int) or not 1000 <= value < LAST_YEAR:
-            raise self.fail(("knowledge", "cutoff"), f"expected a year such as 1899 (the last year the persona "
-                                                     f"knows), got {_shown(value)}")
-        return value
+        try:
+            return parse_cutoff(self.get(("knowledge", "cutoff")))
+        except ValueError as exc:
+            raise self.fail(("knowledge", "cutoff"), str(exc)) from None
 
     def horizon(self, cutoff: int) -> Horizon | None:
         where = ("knowledge", "horizon")
@@ -278,8 +279,8 @@ class _Reader:
         years = self.get(where + ("years",), required=False) or []
         if not isinstance(years, list) or any(isinstance(y, bool) or not isinstance(y, int) or y <= cutoff
                                               for y in years):
-            raise self.fail(where + ("years",), f"expected a list of years after the cutoff {cutoff}, got "
-                                                f"{_shown(years)}")
+            raise self.fail(where + ("years",), f"expected a list of years after the cutoff {year_label(cutoff)} "
+                                                f"(BC years negative), got {_shown(years)}")
         return Horizon(lists["topics"], lists["questions"], years, lists["year_questions"], lists["replies"],
                        self.facts(where + ("facts",)))
 
@@ -330,21 +331,6 @@ class _Reader:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise self.fail(("targets", key), f"expected a share between 0 and 1 such as 0.9, got {_shown(value)}")
         return Targets(**{k: float(v) for k, v in given.items()})
-
-
-def years_after(cutoff: int, last: int = LAST_YEAR) -> str:
-    """Regex alternation of the years cutoff+1 .. last, by decades: 1975 -> 1976|...|1979|19[8-9]\\d|20\\d\\d."""
-    parts, year = [], cutoff + 1
-    while year % 10 and year <= last:
-        parts.append(str(year))
-        year += 1
-    decades: dict[int, list[int]] = {}
-    for decade in range(year // 10, last // 10 + 1):
-        decades.setdefault(decade // 10, []).append(decade % 10)
-    for century, tens in decades.items():
-        span = r"\d" if len(tens) == 10 else (f"[{tens[0]}-{tens[-1]}]" if len(tens) > 1 else str(tens[0]))
-        parts.append(f"{century}{span}\\d")
-    return "|".join(parts)
 
 
 def _shown(value: Any) -> str:

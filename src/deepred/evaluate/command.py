@@ -173,7 +173,8 @@ def _perplexity_scorer(cfg: EvalConfig, persona: Persona, models: _Models, log) 
 
 
 def _persona_meta(persona: Persona) -> dict:
-    return {"name": persona.name, "title": persona.title, "cutoff": persona.cutoff, "file": str(persona.file)}
+    return {"name": persona.name, "title": persona.title, "cutoff": persona.cutoff,
+            "cutoff_label": persona.cutoff_label, "file": str(persona.file)}
 
 
 def _side_report(entries: list[dict], source: Source, cfg: EvalConfig, persona: Persona,

@@ -55,13 +55,13 @@ style {{ side.judge.style_mean }}/5, voice {{ side.judge.voice_mean }}/5 over {{
 
 def short_definitions(report: dict) -> dict[str, str]:
     persona = persona_meta(report)
-    cutoff = persona.get("cutoff", "the cutoff")
+    cutoff = persona.get("cutoff_label") or persona.get("cutoff", "the cutoff")  # e.g. AD 180, 44 BC
     return {
         "style_consistency": f"share of answers in the {persona_title(report)} style (persona vocabulary fields + "
                              "embedding similarity to persona vs generic-assistant anchors)",
         "character_voice": "share of answers in character (no AI/assistant self-reference, no other assistant or "
                            "maker named, no modern assistant register, markdown or emojis); every category at target",
-        "temporal_compliance": f"temporal prompts: no post-{cutoff} knowledge; control prompts answered",
+        "temporal_compliance": f"temporal prompts: no knowledge after {cutoff}; control prompts answered",
         "coherence": "not empty, not repetitive, real words with sentence structure, perplexity under the limit "
                      "when a perplexity model is available",
     }

@@ -59,7 +59,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"# {persona_title(report)} evaluation", ""]
     persona = persona_meta(report)
     if persona:
-        lines += [f"Persona: {persona['title']} ({persona['file']}), knowledge up to {persona['cutoff']}.", ""]
+        cutoff = persona.get("cutoff_label") or persona["cutoff"]  # e.g. AD 180, 44 BC
+        lines += [f"Persona: {persona['title']} ({persona['file']}), knowledge up to {cutoff}.", ""]
     for label, side in sides.items():
         lines.append(f"- **{label}**: {side['meta']['source']} ({side['meta']['count']} answers, "
                      f"{side['failures']['count']} failed requests)")

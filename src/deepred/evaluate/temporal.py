@@ -8,6 +8,8 @@ negation of knowledge such as "I have never heard of it"). `post_cutoff` is the 
 A `control` question (about the world up to the cutoff) is compliant when the answer holds one of its expected
 keywords outside a deflection or negation and has no anachronism. The English grammar of deflection, negation,
 prediction and narration is here; the persona file adds its cutoff, its lexicon and its own deflection phrases.
+Which numbers are later years, in the cutoff's era ("AD 410", "in 410, ...", "the fifth century"), is era.py's; a
+year is echoed however the prompt wrote it (era.year_key).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from ..era import year_key
 from ..persona import Persona, default_persona
 from ..prompts import LATER_KIND
 from .text import distinct_matches, sentences, stems
@@ -86,7 +89,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
     """
     persona = persona or default_persona()
     echoed_terms = distinct_matches(persona.later_terms, prompt)
-    echoed_years = {y.rstrip("s'") for y in distinct_matches(persona.later_years, prompt)}
+    echoed_years = {year_key(y) for y in distinct_matches(persona.later_years, prompt)}  # "AD 410" = "410 AD"
     found: list[str] = []
     for sentence in sentences(response):
         if deflects(sentence, persona):
@@ -97,7 +100,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
             if term not in echoed_terms or assertive:
                 found.append(term)
         for year in sorted(distinct_matches(persona.later_years, sentence)):
-            if year.rstrip("s'") in echoed_years:
+            if year_key(year) in echoed_years:
                 if assertive and PAST_EVENT.search(sentence):
                     found.append(f"{year} (narrated as past)")
             elif assertive or not forward:
@@ -120,8 +123,8 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
     kind = kind or ("control" if expect_any else infer_temporal_kind(prompt, persona))
     kind = persona.later_kind if kind == LATER_KIND else kind  # the era-neutral spelling, reported as post_<cutoff>
     found = anachronisms(response, prompt, persona)
-    cutoff = persona.cutoff
-    reason = f"post-{cutoff} knowledge: {', '.join(found)}" if found else None
+    cutoff = persona.cutoff_label  # e.g. AD 180, 44 BC
+    reason = f"knowledge after {cutoff}: {', '.join(found)}" if found else None
     if kind == "control" and not found:
         keywords = [k.lower() for k in expect_any or []]
         answered = [s for s in sentences(response) if not disclaims(s, persona)]
@@ -130,5 +133,5 @@ def temporal_check(response: str, prompt: str, kind: str | None, expect_any: lis
     elif kind == persona.later_kind and not found and response.strip() and not disclaims(response, persona):
         # Real models answer later events as if known without naming one ("In 1970 the Soviets sent a cosmonaut
         # to the Moon"): not saying it lies beyond the cutoff is the leak.
-        reason = f"answered a post-{cutoff} question as if known (no word that it lies beyond {cutoff})"
+        reason = f"answered a question about after {cutoff} as if known (no word that it lies beyond {cutoff})"
     return {"kind": kind, "violation": reason is not None, "reason": reason, "anachronisms": found}

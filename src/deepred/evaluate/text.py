@@ -6,7 +6,7 @@ import re
 import unicodedata
 
 WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
-SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+SENTENCE_END = re.compile(r"(?<=[.!?;:])(?<!\bA\.D\.)\s+|\n+")  # "A.D. 410" is one sentence
 PUNCT_STRIP = "\"'`.,;:!?()[]{}<>\u2018\u2019\u201c\u201d\u00ab\u00bb\u2014\u2013-*_"
 
 FUNCTION_WORDS = frozenset("""

@@ -169,7 +169,7 @@ def persona_section(persona: Persona) -> str:
         "",
         f"- Persona file: `{persona.file.name}` ({persona.title}); the system prompt it is evaluated with: "
         f"\"{persona.evaluation_system_prompt}\".",
-        f"- Knowledge cutoff: **{persona.cutoff}**. Asked about later events it is trained to deflect in character; "
+        f"- Knowledge cutoff: **{persona.cutoff_label}**. Asked about later events it is trained to deflect in character; "
         "it still answers some as if known (the evaluation's temporal compliance measures how often it deflects).",
         "- It is a character, not a source of facts: small models invent dates and names while staying in voice.",
         "- Trained only to change voice and register: everything else is the base model's, limits and licence "
