@@ -71,7 +71,7 @@ def test_post_cutoff_is_post_the_cutoff_everywhere(tmp_path):
     spelling the prompt file used."""
     butler = E.load_persona("butler.yaml")
     assert E.temporal_check(KNOWN, LATER, "post_cutoff", None, butler)["reason"].startswith(
-        "answered a post-1899 question as if known")
+        "answered a question about after 1899 as if known")
     assert E.temporal_check(KNOWN, LATER, "post_cutoff", None, butler)["kind"] == "post_1899"
     rows = [{"id": "a", "category": "temporal", "prompt": LATER, "response": DEFLECTED, "kind": "post_cutoff"},
             {"id": "b", "category": "temporal", "prompt": LATER + " ", "response": KNOWN, "kind": "post_1899"}]
