@@ -150,8 +150,8 @@ class PairsConfig(Checked):
     dataset: str | None = opt(None, "ChatML JSONL whose replies become the chosen side; default as for train")
     persona: str | None = opt(None, "persona YAML: its horizon makes the questions about later years (default: the "
                                     "bundled Deep Red)")
-    voice: int = opt(64, "voice pairs: dataset replies against the base model's answers to the same conversation")
-    horizon: int = opt(128, "horizon pairs: questions about what lies after the cutoff, deflected in character, "
+    voice: int = opt(32, "voice pairs: dataset replies against the base model's answers to the same conversation")
+    horizon: int = opt(96, "horizon pairs: questions about what lies after the cutoff, deflected in character, "
                             "against the base model's answers (the dataset's own such rows first)")
     period: int = opt(20, "period pairs: the persona's period facts answered in character (chosen) against an "
                           "in-character deflection (rejected), so the model does not learn to deflect everything")
@@ -312,13 +312,14 @@ class RunConfig(TrainConfig):
     evaluate: bool = opt(True, "evaluate base vs tuned through a local llama.cpp server")
     eval_prompts: str | None = opt(None, "prompt JSONL for the evaluation (default: the persona's prompts)")
     eval_heldout: bool = opt(True, "also evaluate the persona's held-out prompts (never trained on), side by side")
-    preference: str = opt("none", "after SFT, preference training of the same LoRA: none, or dpo or orpo on pairs "
-                                  "that `deepred pairs` makes (or --pairs)", choices=["none", "dpo", "orpo"])
-    pair_voice: int = opt(64, "--preference: voice pairs (a dataset reply against the base model's answer)")
-    pair_horizon: int = opt(128, "--preference: horizon pairs (a deflection against the base model's answer)")
+    preference: str = opt("none", "after SFT, preference training of the same LoRA on pairs that `deepred pairs` "
+                                  "makes (or --pairs): none, orpo (measured best, README) or dpo",
+                          choices=["none", "dpo", "orpo"])
+    pair_voice: int = opt(32, "--preference: voice pairs (a dataset reply against the base model's answer)")
+    pair_horizon: int = opt(96, "--preference: horizon pairs (a deflection against the base model's answer)")
     pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)")
-    prefer_steps: int = opt(60, "--preference: optimizer steps of preference training")
-    prefer_learning_rate: float = opt(5e-4, "--preference: its peak learning rate")
+    prefer_steps: int = opt(32, "--preference: optimizer steps of preference training")
+    prefer_learning_rate: float = opt(2e-4, "--preference: its peak learning rate")
     eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
     deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
     deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])
