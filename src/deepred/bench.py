@@ -227,6 +227,8 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "fast")
           max_seq_length: int = 1024, repeats: int = 1, trace: bool = False, attn_implementation: str = "auto",
           output: str | None = None, log=print) -> dict:
     import torch
+    # Imported before SIGTERM may interrupt (transformers imports lazily): an import cut midway is left half-done.
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: F401
 
     shape = ALIASES.get(shape.lower(), shape.lower())
     if shape not in SHAPES:

@@ -291,4 +291,9 @@ def main(argv: list[str] | None = None, only: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one that lands while main() is returning
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
