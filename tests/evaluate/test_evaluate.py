@@ -199,8 +199,10 @@ def test_bundled_prompts():
 class FakeServer:
     """A real OpenAI-compatible HTTP server on 127.0.0.1 that answers with a fixed status and text."""
 
-    def __init__(self, status: int = 200, answer: str = PERSONA_ANSWER, models=("served-model",)):
-        self.status, self.answer, self.models = status, answer, list(models)
+    def __init__(self, status: int = 200, answer: str = PERSONA_ANSWER, models=("served-model",),
+                 fail_when: str | None = None):
+        """`status` answers every request, or only the chat requests whose body holds `fail_when` (others: 200)."""
+        self.status, self.answer, self.models, self.fail_when = status, answer, list(models), fail_when
         self.requests: list[tuple[str, dict]] = []
         server = self
 
@@ -208,9 +210,9 @@ class FakeServer:
             def log_message(self, *args):
                 pass
 
-            def _reply(self, body: dict) -> None:
+            def _reply(self, body: dict, status: int | None = None) -> None:
                 data = json.dumps(body).encode()
-                self.send_response(server.status)
+                self.send_response(status or server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -223,7 +225,8 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(("POST " + self.path, body))
-                self._reply(server._chat_body(body))
+                status = server.status if server.fail_when is None or server.fail_when in json.dumps(body) else 200
+                self._reply(server._chat_body(body, status), status)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -234,8 +237,8 @@ class FakeServer:
             return {"error": {"message": "internal error"}}
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "me"} for m in self.models]}
 
-    def _chat_body(self, body: dict) -> dict:
-        if self.status != 200:
+    def _chat_body(self, body: dict, status: int = 200) -> dict:
+        if status != 200:
             return {"error": {"message": "model crashed"}}
         grading = body["messages"][0]["content"].startswith("You grade")
         text = '{"style": 5, "voice": 4, "reason": "on voice"}' if grading else self.answer
@@ -266,23 +269,41 @@ def fast_backoff(monkeypatch):
 
 
 def test_failed_request_counts_as_failure_not_pass(tmp_path, two_prompts):
-    server = FakeServer(status=500)
+    server = FakeServer(status=500, fail_when="1970")  # the temporal prompt fails, the mission prompt is answered
     try:
         out = tmp_path / "failed"
         assert main(["evaluate", "--endpoint", server.url, "--model", "deepred", "--prompts", str(two_prompts),
                      "--retries", "2", "--timeout", "5", "--output_dir", str(out)]) == 0
     finally:
         server.close()
-    assert len(server.chat_requests()) == 2 * 3, "each prompt: one try and two retries"
+    assert len(server.chat_requests()) == 1 + 3, "the answered prompt once; the failing one: one try, two retries"
     report = json.loads((out / "report.json").read_text())
-    for entry in report["responses"]:
-        assert "500" in entry["error"] and entry["attempts"] == 3
-        assert not entry["in_style"] and entry["out_of_character"] and not entry["coherent"]
-    assert next(e for e in report["responses"] if e["id"] == "t1")["temporal_violation"] is True
-    assert report["failures"]["count"] == 2
+    entry = next(e for e in report["responses"] if e["id"] == "t1")
+    assert "500" in entry["error"] and entry["attempts"] == 3
+    assert not entry["in_style"] and entry["out_of_character"] and not entry["coherent"]
+    assert entry["temporal_violation"] is True
+    assert report["failures"]["count"] == 1
     for metric in E.METRICS:
-        assert report[metric]["value"] == 0 and report[metric]["passed"] is False
+        assert report[metric]["value"] <= 0.5 and report[metric]["passed"] is False  # the failure never passes
+    assert report["temporal_compliance"]["value"] == 0
     assert "request failed" in (out / "report.md").read_text()
+
+
+def test_every_request_failing_is_refused_and_the_previous_report_kept(tmp_path, two_prompts, capsys):
+    """A dead server is not a bad model: exit 2, one line, and the report on disk stays the earlier one."""
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"earlier": true}')
+    server = FakeServer(status=500)
+    try:
+        assert main(["evaluate", "--endpoint", server.url, "--model", "deepred", "--prompts", str(two_prompts),
+                     "--retries", "0", "--timeout", "5", "--output_dir", str(out)]) == 2
+    finally:
+        server.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "every one of the 2 requests" in err[0] and "500" in err[0]
+    assert json.loads((out / "report.json").read_text()) == {"earlier": True}
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
 
 
 def test_endpoint_answers_system_prompt_default_model_and_judge(tmp_path, two_prompts):

@@ -145,6 +145,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if base:
         base_prompts = prompts or [prompt_fields(r, r["id"]) for r in answers[primary.label]]
         answers["base"] = collect_answers(base, base_prompts, cfg, persona, models, log)
+    for label, rows in answers.items():
+        refuse_if_every_request_failed(rows, primary if label == primary.label else base, output_dir)
     perplexity = _perplexity_scorer(cfg, persona, models, log)
     sides = {}
     for label, rows in answers.items():
@@ -159,6 +161,16 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     log(summary_text(report))
     log(f"report written to {paths['html']}")
     return report
+
+
+def refuse_if_every_request_failed(rows: list[dict], source: Source, output_dir: Path) -> None:
+    """A report of 0 % everywhere would read like a bad model, not a dead server: refuse before writing it, so the
+    report on disk (if any) stays the previous one. Some failed requests are scored as failures, never as passes."""
+    failed = [row for row in rows if row.get("error")]
+    if rows and len(failed) == len(rows):
+        raise DeepRedError(f"every one of the {len(rows)} requests to {source.describe()} failed (first: "
+                           f"{failed[0]['error']}); nothing was scored and {output_dir} was not written: check that "
+                           "the server is running and serves the model, then run again")
 
 
 def _perplexity_scorer(cfg: EvalConfig, persona: Persona, models: _Models, log) -> PerplexityScorer | None:
