@@ -81,12 +81,14 @@ def test_the_cutoff_comes_from_the_persona(butler):
                             butler)["kind"] == "post_1899"
 
 
-def test_the_style_fields_come_from_the_persona(butler):
-    """The butler's own answers are his style far more often than they are Deep Red's."""
-    answers = [row for row in rows_of(BUTLER_LABELLED) if row["label"] == "in_persona"]
-    as_butler = rate(E.score_responses(answers, persona=butler), lambda e: e["in_style"])
+@pytest.mark.parametrize("name", ["butler", "stoic"])
+def test_the_style_fields_come_from_the_persona(name):
+    """A persona's own answers are its style far more often than they are Deep Red's."""
+    persona = E.load_persona(f"{name}.yaml")
+    answers = [row for row in rows_of(DATA / f"labelled_responses_{name}.jsonl") if row["label"] == "in_persona"]
+    as_itself = rate(E.score_responses(answers, persona=persona), lambda e: e["in_style"])
     as_deep_red = rate(E.score_responses(answers), lambda e: e["in_style"])
-    assert as_butler - as_deep_red >= 0.3
+    assert as_itself - as_deep_red >= 0.3
 
 
 def test_evaluate_with_a_persona_writes_a_report_titled_for_it(tmp_path):

@@ -81,14 +81,6 @@ def test_later_years_are_caught_as_the_era_writes_them(labelled):
     assert not period["period_correct-05"]["temporal_violation"]
 
 
-def test_the_style_fields_come_from_the_persona(stoic):
-    """The Stoic's own answers are his style far more often than they are Deep Red's."""
-    answers = [row for row in rows_of(STOIC_LABELLED) if row["label"] == "in_persona"]
-    as_stoic = rate(E.score_responses(answers, persona=stoic), lambda e: e["in_style"])
-    as_deep_red = rate(E.score_responses(answers), lambda e: e["in_style"])
-    assert as_stoic - as_deep_red >= 0.3
-
-
 def test_evaluate_with_the_stoic_writes_his_report(tmp_path):
     from deepred.cli import main
 

@@ -83,9 +83,9 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     facts = [fact for fact in horizon.facts if prompt_key(fact["question"]) not in protected]
     pairs = []
     for fact in facts[:count]:
-        system = {"role": "system", "content": rng.choice(systems)}
+        system = rng.choice(systems)
         deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
-        pairs.append({"prompt": [system, {"role": "user", "content": fact["question"]}],
-                      "chosen": [{"role": "assistant", "content": fact["answer"]}],
+        *prompt, chosen = chat_row(system, fact["question"], fact["answer"], "period")["messages"]
+        pairs.append({"prompt": prompt, "chosen": [chosen],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})
     return pairs
