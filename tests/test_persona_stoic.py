@@ -18,7 +18,7 @@ from deepred import evaluate as E
 
 from .conftest import DATA
 from .evaluate import test_evaluate as deep_red
-from .test_persona import BUTLER_LABELLED, rate, rows_of
+from .test_persona import BUTLER_LABELLED, rows_of
 
 STOIC_LABELLED = DATA / "labelled_responses_stoic.jsonl"
 
