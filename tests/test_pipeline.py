@@ -243,3 +243,22 @@ def test_run_refuses_pairs_that_ask_an_evaluation_prompt_before_training(tiny_mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{pairs}:1: the question 'Who was the first person" in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"stages": {"train": {"status": "do', "Unterminated string"),  # cut short by a full disk
+    ("[]", 'expected {"stages": {STAGE: {...}}}'),
+    ('{"stages": ["train"]}', 'expected {"stages": {STAGE: {...}}}'),
+    ('{"stages": {"train": "done"}}', 'expected {"stages": {STAGE: {...}}}'),
+], ids=["truncated", "a list", "stages a list", "a stage not a mapping"])
+def test_a_corrupt_manifest_is_one_line_and_nothing_is_touched(tiny_model, tmp_path, capsys, text, why):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(text)
+    assert main(["run", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"),
+                 "--output_dir", str(run_dir), "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir / 'manifest.json'} is corrupt (") and why in err, err
+    assert err.endswith("); delete it to rerun every stage\n") and err.count("\n") == 1
+    assert [p.name for p in run_dir.iterdir()] == ["manifest.json"]
+    assert (run_dir / "manifest.json").read_text() == text

@@ -38,6 +38,10 @@ def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def corrupt_manifest(path: Path, why: str) -> DeepRedError:
+    return DeepRedError(f"{path} is corrupt ({why}); delete it to rerun every stage")
+
+
 @dataclass
 class Manifest:
     path: Path
@@ -46,12 +50,16 @@ class Manifest:
     @classmethod
     def load(cls, run_dir: Path) -> "Manifest":
         path = run_dir / MANIFEST
-        if path.is_file():
-            try:
-                return cls(path, json.loads(path.read_text()).get("stages", {}))
-            except ValueError as exc:
-                raise DeepRedError(f"{path} is corrupt ({exc}); delete it to rerun every stage") from exc
-        return cls(path)
+        if not path.is_file():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise corrupt_manifest(path, str(exc)) from exc
+        stages = data.get("stages", {}) if isinstance(data, dict) else None
+        if not isinstance(stages, dict) or not all(isinstance(entry, dict) for entry in stages.values()):
+            raise corrupt_manifest(path, 'expected {"stages": {STAGE: {...}}}')
+        return cls(path, stages)
 
     def save(self) -> None:
         write_json(self.path, {"stages": self.stages})
