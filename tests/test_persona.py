@@ -10,6 +10,7 @@ tests/data/labelled_responses_butler.jsonl was written by hand for this test, wi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -143,6 +144,17 @@ MALFORMED = {
     "prompts not found": (lambda t: t.replace("prompts: butler_prompts.jsonl", "prompts: nowhere.jsonl"),
                           "prompts: nowhere", "evaluation prompts not found"),
     "not YAML": (lambda t: t.replace("title: Hargreaves", "title: [Hargreaves"), "description:", "not valid YAML"),
+    "target above 1": (lambda t: t + "targets:\n  temporal: 95\n", "temporal: 95",
+                       "targets.temporal: expected a share between 0 and 1 such as 0.9, got int 95"),
+    "target below 0": (lambda t: t + "targets:\n  coherence: -0.1\n", "coherence: -0.1",
+                       "targets.coherence: expected a share between 0 and 1 such as 0.9, got float -0.1"),
+    "two anchors": (lambda t: re.sub(r"(  persona_anchors:\n(?:    - .*\n){2})(?:    - .*\n)+", r"\1", t),
+                    "persona_anchors:", "style.persona_anchors: expected a list of at least 3 text item(s)"),
+    "empty style field": (lambda t: re.sub(r"    household:\n(?:      - .*\n)+", "    household: []\n", t),
+                          "household: []", "style.fields.household: expected a list of at least 1 text item(s), "
+                                           "got list []"),
+    "no style fields": (lambda t: re.sub(r"  fields:\n(?:    .*\n)+", "  fields: {}\n", t), "fields: {}",
+                        "style.fields: no style fields; add at least one field with its word stems"),
 }
 
 

@@ -199,6 +199,23 @@ def test_model_specs():
     assert not S.is_loopback("0.0.0.0")
 
 
+@pytest.mark.parametrize("extra", [["--add_model", "deepred=base.gguf"],
+                                   ["--add_model", "base=base.gguf", "--add_model", "base=other.gguf"]],
+                         ids=["the first model's alias", "two added models"])
+def test_an_alias_used_twice_is_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, extra):
+    """Two GGUFs under one alias: a request could not say which it means. Refused before llama.cpp loads anything
+    (the files here are not even models)."""
+    from deepred.cli import main
+
+    for name in ("deepred.gguf", "base.gguf", "other.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "deepred.gguf", *extra]) == 2
+    err = capsys.readouterr().err
+    alias = extra[-1].split("=")[0]
+    assert err == f"error: model alias '{alias}' is used twice; give each GGUF its own alias\n"
+
+
 def test_evaluate_through_the_server(gguf_file, merged_model, tmp_path):
     """`deepred evaluate --endpoint` against the served q4_k_m model: every prompt answered and scored."""
     import json
