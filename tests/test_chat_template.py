@@ -210,7 +210,21 @@ def test_the_trained_adapter_carries_the_base_models_own_template(trained_run, t
 
 
 def test_validate_reports_the_supervised_share_with_the_models_template(template_models, capsys):
-    code = main(["validate", str(CHATS), "--base_model", str(template_models["llama3"])])
+    """The share validate prints, counted here without deepred's masks: each reply with its end-of-turn token
+    tokenized alone, over the chats rendered whole by the template (llama3 on the four test chats: 81 of 215)."""
+    from transformers import AutoTokenizer
+
+    model_dir = template_models["llama3"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_of_turn = TEMPLATES["llama3"][-1]
+    supervised = total = 0
+    for line in CHATS.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        total += len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        supervised += sum(len(tokenizer.encode(m["content"].strip() + end_of_turn, add_special_tokens=False))
+                          for m in messages if m["role"] == "assistant")
+    code = main(["validate", str(CHATS), "--base_model", str(model_dir)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "loss on the replies and their end-of-turn token:" in out and "chat template" in out
+    assert (f"  loss on the replies and their end-of-turn token: {supervised} of {total} tokens "
+            f"({round(100 * supervised / total)}%), located with {model_dir}'s chat template\n") in out, out
