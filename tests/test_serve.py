@@ -85,8 +85,10 @@ def test_cli_serve_binds_loopback_and_speaks_openai(gguf_file, merged_model, tmp
         assert alias in [model.id for model in client.models.list()]
         reply = client.chat.completions.create(model=alias, messages=MESSAGES, max_tokens=16, temperature=0,
                                                logit_bias=NO_EOS)
-        assert reply.choices[0].message.content
-        assert reply.usage.completion_tokens > 0
+        assert reply.choices[0].message.content and reply.model == alias
+        # the end-of-turn tokens are banned, so the answer runs to the limit: exactly 16 tokens
+        assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (16, "length")
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + 16 and reply.usage.prompt_tokens > 0
 
         listed = httpx.get(f"{base_url}/models", timeout=30).json()
         assert alias in [model["id"] for model in listed["data"]]
@@ -94,7 +96,8 @@ def test_cli_serve_binds_loopback_and_speaks_openai(gguf_file, merged_model, tmp
                               json={"model": alias, "messages": MESSAGES, "max_tokens": 16, "temperature": 0,
                                     "logit_bias": NO_EOS})
         assert response.status_code == 200
-        assert response.json()["choices"][0]["message"]["content"]
+        assert response.json()["choices"][0]["message"]["content"] == reply.choices[0].message.content  # greedy
+        assert response.json()["usage"] == reply.usage.model_dump(exclude_none=True)
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
@@ -217,27 +220,46 @@ def test_an_alias_used_twice_is_one_line_before_any_model_loads(tmp_path, monkey
 
 
 def test_evaluate_through_the_server(gguf_file, merged_model, tmp_path):
-    """`deepred evaluate --endpoint` against the served q4_k_m model: every prompt answered and scored."""
+    """`deepred evaluate --endpoint` against the served q4_k_m model: every answer in the report is the one the
+    server itself gives (greedy) to the evaluation's messages, and every metric is the share of its entries' flags
+    (the report rounds shares to 4 digits)."""
     import json
 
     from deepred.cli import main
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps(p) for p in [
+    asked = [
         {"id": "mission-01", "category": "mission", "prompt": "What is the purpose of our mission to Mars?"},
         {"id": "chess-01", "category": "chess", "prompt": "How is life like a chess game?"},
         {"id": "temporal-01", "category": "temporal", "kind": "post_1969", "prompt": "What happened in 1970?"},
-    ]) + "\n")
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in asked) + "\n")
     with S.start_server({"deepred": gguf_file(merged_model, "q4_k_m")}) as server:
         code = main(["evaluate", "--endpoint", server.url, "--prompts", str(prompts), "--max_tokens", "24",
                      "--output_dir", str(tmp_path / "eval")])
+        direct = [httpx.post(f"{server.url}/chat/completions", timeout=120, json={
+            "model": "deepred", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "system", "content": "You are Deep Red."}, {"role": "user", "content": p["prompt"]}],
+        }).json()["choices"][0]["message"]["content"] for p in asked]
     assert code == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert {"style_consistency", "character_voice", "temporal_compliance", "coherence"} <= set(report)
     answers = report["responses"]
     assert [a["id"] for a in answers] == ["mission-01", "chess-01", "temporal-01"]
-    assert all(not a.get("error") for a in answers)
-    assert answers[2]["temporal_violation"] is not None and answers[0]["temporal_violation"] is None
+    assert [a["response"] for a in answers] == direct and all(direct)
+    assert all(not a.get("error") for a in answers) and report["failures"]["count"] == 0
+
+    def share(flags) -> float:
+        flags = list(flags)
+        return pytest.approx(sum(flags) / len(flags), abs=5e-5)
+
+    assert report["style_consistency"]["value"] == share(a["in_style"] for a in answers)
+    assert report["character_voice"]["value"] == share(not a["out_of_character"] for a in answers)
+    assert report["coherence"]["value"] == share(a["coherent"] for a in answers)
+    violated = answers[2]["temporal_violation"]
+    assert answers[0]["temporal_violation"] is None and answers[1]["temporal_violation"] is None
+    temporal = report["temporal_compliance"]
+    assert (temporal["count"], temporal["value"], temporal["violations"]) == (
+        1, 0.0 if violated else 1.0, ["temporal-01"] if violated else [])
     assert (tmp_path / "eval" / "report.html").is_file()
 
 
