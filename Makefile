@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # llama.cpp is compiled by pip when llama-cpp-python installs; pass extra CMake flags here (e.g. -DGGML_CUDA=on).
 CMAKE_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test guard-check clean
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# each guard weakened in a scratch copy must fail its own tests (tests/guards.py); also part of `make test`
+guard-check: setup
+	$(PY) -m pytest -q tests/test_guards.py
 
 clean:
 	rm -rf $(VENV) output runs eval-report
