@@ -127,13 +127,13 @@ class BatchShapes:
 def test_a_model_that_cannot_keep_packed_examples_apart_trains_on_padded_batches(recurrent_model, tmp_path):
     """--max_tokens_per_pass asks for padding-free batches (one row per micro-batch); RWKV cannot keep the examples
     of that row apart, so training says so and pads instead: two rows per micro-batch of two, in the recorded plan
-    and in what the model is fed. (eager: transformers refuses sdpa for RWKV.)"""
+    and in what the model is fed. (The default attention, auto, lets transformers pick eager for RWKV.)"""
     said: list[str] = []
     shapes = BatchShapes()
     out = tmp_path / "run"
     cfg = TrainConfig(base_model=str(recurrent_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
                       max_steps=2, batch_size=2, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
-                      save_steps=100, max_tokens_per_pass=2048, attn_implementation="eager")
+                      save_steps=100, max_tokens_per_pass=2048)
     result = train(cfg, log=lambda *a, **k: said.append(" ".join(map(str, a))), callbacks=(shapes,))
     assert result.final_dir is not None
     assert "RwkvForCausalLM does not build its attention mask from packed positions; padded batches" in said

@@ -29,9 +29,10 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
     kwargs = {"trust_remote_code": cfg.trust_remote_code,
               # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
               "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
-              else torch.float32,
-              "attn_implementation": cfg.attn_implementation if cfg.attn_implementation != "auto"
-              else "eager" if hw.rocm else "sdpa"}
+              else torch.float32}
+    # auto: transformers' own choice (sdpa where the model supports it, eager where not, e.g. RWKV); eager on ROCm
+    if cfg.attn_implementation != "auto" or hw.rocm:
+        kwargs["attn_implementation"] = cfg.attn_implementation if cfg.attn_implementation != "auto" else "eager"
     if cfg.use_4bit or cfg.use_8bit:
         kwargs["quantization_config"] = quantization_config(cfg, hw)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
