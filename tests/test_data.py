@@ -201,4 +201,5 @@ def test_a_utf8_bom_is_accepted_every_example_kept_by_validate_and_train(tmp_pat
     train(TrainConfig(base_model=str(tiny_model), dataset=str(bom), output_dir=str(out), max_steps=1, batch_size=2,
                       gradient_accumulation_steps=1, val_split=0, save_steps=100), log=lambda *a, **k: None)
     run_config = json.loads((out / "run_config.json").read_text())
-    assert (run_config["examples"], run_config["examples_used"], run_config["invalid_lines_skipped"]) == (count, count, 0)
+    kept = (run_config["examples"], run_config["examples_used"], run_config["invalid_lines_skipped"])
+    assert kept == (count, count, 0)
