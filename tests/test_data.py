@@ -11,6 +11,8 @@ from deepred.cli import main
 from deepred.data import bundled_dataset_path, load_for_training, resolve_dataset, validate_file
 from deepred.errors import DeepRedError, InvalidDatasetError
 
+from .conftest import DATA
+
 GOOD = {"messages": [{"role": "system", "content": "You are Deep Red."},
                      {"role": "user", "content": "What is our purpose?"},
                      {"role": "assistant", "content": "To advance the collective, comrade."}]}
@@ -140,3 +142,64 @@ def test_a_wrong_gutenberg_data_stops_training_with_exit_1(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "dataset not found" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ not regular files
+
+
+def deepred_cli(*args, timeout: float = 300):
+    """`python -m deepred.cli ARGS` in a child process, killed after `timeout` s (a read that waits on a FIFO would
+    otherwise hang the test run); a timeout fails the test."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "deepred.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL)
+
+
+def test_a_fifo_dataset_is_refused_as_such_by_validate_and_train_without_hanging(tmp_path):
+    """Before, `validate` waited forever on the FIFO for a writer and `train` said "dataset not found". The bound:
+    a refusal takes the CLI's start-up (~5-15 s on 2 busy cores); 120 s is a hang."""
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    expected = f"error: {fifo} is not a regular file (it is a FIFO (named pipe)); pass a ChatML .jsonl file\n"
+    validated = deepred_cli("validate", fifo, timeout=120)
+    assert (validated.returncode, validated.stderr) == (2, expected)
+    trained = deepred_cli("train", "--base_model", "tiny", "--dataset", fifo, "--output_dir", tmp_path / "run",
+                          "--max_steps", "1", timeout=120)
+    assert (trained.returncode, trained.stderr) == (2, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]  # no run folder
+
+
+def test_a_directory_dataset_is_refused_as_such_by_validate_and_train(tmp_path, capsys):
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    expected = f"error: {folder} is not a regular file (it is a directory); pass a ChatML .jsonl file\n"
+    assert main(["validate", str(folder)]) == 2
+    assert capsys.readouterr().err == expected
+    assert main(["train", "--base_model", "tiny", "--dataset", str(folder), "--output_dir", str(tmp_path / "run"),
+                 "--max_steps", "1"]) == 2
+    assert capsys.readouterr().err == expected and not (tmp_path / "run").exists()
+
+
+def test_a_utf8_bom_is_accepted_every_example_kept_by_validate_and_train(tmp_path, tiny_model, capsys):
+    """Windows editors start a UTF-8 file with a BOM. Before, line 1 was "not valid JSON" and the advice was
+    --skip_invalid, which would have dropped that example."""
+    from deepred.config import TrainConfig
+    from deepred.train import train
+
+    mini = (DATA / "mini.jsonl").read_bytes()
+    count = sum(1 for line in mini.splitlines() if line.strip())
+    assert count == 24
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + mini)
+
+    assert main(["validate", str(bom)]) == 0
+    assert f"{bom}: {count} valid example(s), 0 invalid line(s)" in capsys.readouterr().out
+
+    out = tmp_path / "run"
+    train(TrainConfig(base_model=str(tiny_model), dataset=str(bom), output_dir=str(out), max_steps=1, batch_size=2,
+                      gradient_accumulation_steps=1, val_split=0, save_steps=100), log=lambda *a, **k: None)
+    run_config = json.loads((out / "run_config.json").read_text())
+    kept = (run_config["examples"], run_config["examples_used"], run_config["invalid_lines_skipped"])
+    assert kept == (count, count, 0)

@@ -289,3 +289,46 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_malformed_bodies_get_400_with_a_json_error_not_500(gguf_file, tiny_model):
+    """Before, llama-cpp-python's app answered each of these with 500 "Internal Server Error" (plain text), which
+    the openai client and `deepred evaluate` retry though the same body fails every time. Raw http.client requests,
+    since HTTP libraries will not send broken bodies; the server answers a good request afterwards."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    good = {"model": "base", "messages": MESSAGES, "max_tokens": 2, "temperature": 0}
+    cafe = {**good, "messages": [{"role": "user", "content": "café"}]}
+    latin1 = json.dumps(cafe, ensure_ascii=False).encode("latin-1")  # é as one byte, 0xE9: not UTF-8
+    cases = [
+        ("/v1/chat/completions", latin1, f"not valid UTF-8 (byte {latin1.index(b'caf') + 3})"),
+        ("/v1/chat/completions", b"\xff\xfe" + json.dumps(good).encode("utf-16-le"), "not valid UTF-8 (byte 0)"),
+        ("/v1/chat/completions", json.dumps(good).encode()[:40], "not valid JSON (Expecting value at line 1 column 41"),
+        ("/v1/chat/completions", b'{"model": "base", "messages": [', "not valid JSON (Expecting value at line 1"),
+        ("/v1/completions", b'{"model": "base", "prompt": "Mars', "not valid JSON (Unterminated string"),
+        ("/v1/chat/completions", b"", "the request body is empty"),
+        ("/v1/chat/completions", b"[1, 2]", "is an array in JSON, not an object"),
+    ]
+    with S.start_server({"base": gguf_file(tiny_model, "q4_k_m")}, n_ctx=256) as server:
+        address = urlsplit(server.url)
+
+        def post(path: str, body: bytes) -> tuple[int, str, bytes]:
+            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+            try:
+                connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                return response.status, response.getheader("Content-Type"), response.read()
+            finally:
+                connection.close()
+
+        for path, body, expected in cases:
+            status, content_type, answer = post(path, body)
+            assert (status, content_type) == (400, "application/json"), (body, status, answer)
+            error = json.loads(answer)["error"]
+            assert expected in error["message"], (body, error)
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json")
+        status, _, answer = post("/v1/chat/completions", json.dumps(good).encode())
+        assert status == 200 and json.loads(answer)["model"] == "base"
+        assert server.running()

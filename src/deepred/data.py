@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
@@ -13,6 +15,8 @@ from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
 from .files import file_sha256
 
 ROLES = ("system", "user", "assistant")
+BOM = b"\xef\xbb\xbf"  # Windows editors write one; it is not part of the first line's JSON
+DATASET_HINT = "pass a ChatML .jsonl file"
 
 
 def bundled_dataset_path() -> Path:
@@ -20,20 +24,58 @@ def bundled_dataset_path() -> Path:
 
 
 def resolve_dataset(dataset: str | None) -> tuple[Path, str]:
-    """Return (path, where it came from). A missing explicit path is an error naming where we looked."""
+    """Return (path, where it came from). A missing explicit path is an error naming where we looked; a path that
+    is there but is not a regular file (a folder, a FIFO) is refused as such."""
     if dataset:
         path = Path(dataset).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise DatasetNotFoundError(f"dataset not found: {path} (pass --dataset PATH to a ChatML .jsonl file)")
+        require_regular_file(path, DATASET_HINT)
         return path, "--dataset"
     spec_path = default_dataset()
     if spec_path:  # the user pointed at their data: never train on something else instead
-        if not Path(spec_path).is_file():
+        if not Path(spec_path).exists():
             raise DatasetNotFoundError(f"dataset not found: {spec_path} ($GUTENBERG_DATA is set, so the data is expected "
                                "there); fix $GUTENBERG_DATA, pass --dataset PATH, or unset $GUTENBERG_DATA to use "
                                "the bundled Deep Red sample set")
+        require_regular_file(Path(spec_path), DATASET_HINT)
         return Path(spec_path), "$GUTENBERG_DATA/dataset/theme_dataset.jsonl"
     return bundled_dataset_path(), ("the bundled Deep Red sample set: neither --dataset nor $GUTENBERG_DATA is set")
+
+
+def require_regular_file(path: Path, hint: str) -> None:
+    """Anything but a regular file is refused in one line, `hint` saying what to pass instead: nothing there
+    (DatasetNotFoundError), or a folder, a FIFO, a device (DeepRedError)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        what = "a symbolic link to nothing" if path.is_symlink() else "nothing is there"
+        raise DatasetNotFoundError(f"{path} is not a regular file ({what}); {hint}") from None
+    except OSError as exc:
+        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise DeepRedError(f"{path} is not a regular file (it is {_kind(mode)}); {hint}")
+
+
+def read_regular_file(path: Path, hint: str) -> bytes:
+    """The bytes of a JSONL file the user named, without a leading UTF-8 BOM. Anything but a regular file is refused
+    before it is opened (require_regular_file): reading a FIFO would wait for a writer forever."""
+    require_regular_file(path, hint)
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the check, opening it still returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise DeepRedError(f"{path} is not a regular file (it changed while being opened); {hint}")
+        return fh.read().removeprefix(BOM)
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 @dataclass
@@ -94,10 +136,7 @@ def validate_file(path: str | Path) -> DatasetReport:
     """Read a ChatML JSONL file and report every problem with its line number."""
     path = Path(path)
     report = DatasetReport(path=path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DeepRedError(f"cannot read dataset {path}: {exc.strerror}") from exc
+    raw = read_regular_file(path, DATASET_HINT)
     nonblank = 0
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
         if not line_bytes.strip():

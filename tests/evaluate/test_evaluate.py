@@ -200,10 +200,12 @@ class FakeServer:
     """A real OpenAI-compatible HTTP server on 127.0.0.1 that answers with a fixed status and text."""
 
     def __init__(self, status: int = 200, answer: str = PERSONA_ANSWER, models=("served-model",),
-                 fail_when: str | None = None):
-        """`status` answers every request, or only the chat requests whose body holds `fail_when` (others: 200)."""
+                 fail_when: str | None = None, delay: float = 0):
+        """`status` answers every request, or only the chat requests whose body holds `fail_when` (others: 200);
+        each chat request is answered `delay` s after it arrives (or at close())."""
         self.status, self.answer, self.models, self.fail_when = status, answer, list(models), fail_when
         self.requests: list[tuple[str, dict]] = []
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -225,6 +227,7 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(("POST " + self.path, body))
+                server.closing.wait(delay)
                 status = server.status if server.fail_when is None or server.fail_when in json.dumps(body) else 200
                 self._reply(server._chat_body(body, status), status)
 
@@ -250,6 +253,7 @@ class FakeServer:
         return [body for path, body in self.requests if path.startswith("POST") and path.endswith("/chat/completions")]
 
     def close(self):
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -302,6 +306,77 @@ def test_every_request_failing_is_refused_and_the_previous_report_kept(tmp_path,
         server.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "every one of the 2 requests" in err[0] and "500" in err[0]
+    assert json.loads((out / "report.json").read_text()) == {"earlier": True}
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+
+
+def mission_prompts(path: Path, count: int, failing: int) -> Path:
+    """`count` prompts; the first `failing` hold " to Mars", which FakeServer(fail_when=" to Mars") fails."""
+    return write_jsonl(path, [{"id": f"m{i}", "category": "mission",
+                               "prompt": f"Question {i}: why do we go{' to Mars' * (i <= failing)}?"}
+                              for i in range(1, count + 1)])
+
+
+def test_half_the_requests_failing_warns_and_one_more_is_refused(tmp_path, capsys):
+    """The boundary of "most requests failed": 2 of 4 failed is scored with one warning line (exit 0); 3 of 4 is
+    refused in one line (exit 2) and the report on disk stays the one of the first run."""
+    out = tmp_path / "report"
+    server = FakeServer(status=500, fail_when=" to Mars")
+    try:
+        def evaluate(failing: int) -> int:
+            prompts = mission_prompts(tmp_path / f"prompts-{failing}.jsonl", 4, failing)
+            return main(["evaluate", "--endpoint", server.url, "--model", "deepred", "--prompts", str(prompts),
+                         "--retries", "0", "--timeout", "5", "--output_dir", str(out)])
+
+        assert evaluate(failing=2) == 0
+        said = capsys.readouterr().out.splitlines()
+        warnings = [line for line in said if line.startswith("warning:")]
+        assert len(warnings) == 1 and f"2 of the 4 requests to deepred at {server.url} failed" in warnings[0]
+        assert "scored as failures in every metric" in warnings[0]
+        first = (out / "report.json").read_text()
+        assert json.loads(first)["failures"]["count"] == 2
+
+        assert evaluate(failing=3) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        server.close()
+    assert len(err) == 1 and f"3 of the 4 requests to deepred at {server.url} failed (first: " in err[0]
+    assert "more than half; nothing was scored" in err[0] and "500" in err[0]
+    assert (out / "report.json").read_text() == first
+
+
+def test_ctrl_c_says_the_answers_are_lost_and_the_report_on_disk_is_the_previous_one(tmp_path, two_prompts):
+    """SIGINT, as Ctrl-C in a terminal sends, while the server is still answering the first prompt."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"earlier": true}')
+    server = FakeServer(models=("deepred",), delay=300)
+    try:
+        # a job a shell starts in the background inherits SIGINT ignored; a terminal's foreground job does not
+        child = subprocess.Popen(
+            [sys.executable, "-m", "deepred.cli", "evaluate", "--endpoint", server.url, "--model", "deepred",
+             "--prompts", str(two_prompts), "--retries", "0", "--timeout", "600", "--output_dir", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while not server.chat_requests() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.chat_requests(), f"the evaluation never asked its first prompt: {child.communicate()}"
+        os.kill(child.pid, signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        server.close()
+    assert child.returncode == 130, stderr
+    note = next(line for line in stdout.splitlines() if line.startswith("interrupted:"))
+    assert "the answers collected so far are lost" in note
+    assert f"{out / 'report.json'} is still the previous report" in note
+    assert "Traceback" not in stderr
     assert json.loads((out / "report.json").read_text()) == {"earlier": True}
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
 

@@ -20,6 +20,8 @@ from deepred.config import DeployConfig
 from deepred.errors import DeepRedError
 from deepred.publish.deploy import deploy
 
+from .corrupt_gguf import incomplete_variants
+
 
 SLEEP = shutil.which("sleep")  # found before the tests narrow PATH
 
@@ -29,9 +31,19 @@ def sha(path: Path) -> str:
 
 
 def make_gguf(path: Path, seed: int = 0, size: int = 100_000) -> Path:
+    """A small complete GGUF (gguf-py's writer): a little metadata and one float32 tensor of about `size` bytes
+    whose values depend on `seed`, so two seeds give two different models."""
+    import numpy as np
+    from gguf import GGUFWriter
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = hashlib.sha256(str(seed).encode()).digest() * (size // 32)
-    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + body)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_tensor("weights", np.random.default_rng(seed).standard_normal(size // 4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 
@@ -365,3 +377,35 @@ def test_lms_load_failure_exits_non_zero_and_keeps_the_file(env, gguf, monkeypat
     dest = models / "local" / "deepred" / "deepred.gguf"
     assert sha(dest) == sha(gguf)
     assert recorded(record)[0] == "load"
+
+
+# ------------------------------------------------------------------------------------------------ incomplete GGUFs
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under folder, by relative path, with its sha256."""
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_incomplete_gguf_is_refused_before_anything_is_copied(env, lms_on_path, gguf_file, tiny_model, capsys):
+    """Before, only the 4 magic bytes were checked: each of these was copied, reported "verified" and `lms load`ed
+    (exit 0), and the good file deployed later under the same name was refused as "a different model". Now each is
+    refused in one line, exit 2, LM Studio's models folder unchanged and lms never run; then the good file deploys."""
+    real = gguf_file(tiny_model, "q4_k_m")
+    models = env / "models"
+    make_gguf(models / "local" / "other" / "other.gguf", seed=9)  # a model already there must stay as it is
+    before = tree(models)
+    target = env / "output" / "deepred.gguf"
+    small = make_gguf(env / "small.gguf")
+    for kind, write in incomplete_variants(real, small, target).items():
+        write()
+        assert main(["deploy", str(target), "--models_dir", str(models)]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {target} is not a complete GGUF: ") and err.count("\n") == 1, (kind, err)
+        assert err.rstrip().endswith("reconvert it with deepred convert"), (kind, err)
+        assert tree(models) == before and not lms_on_path.exists(), kind
+
+    shutil.copyfile(real, target)
+    assert main(["deploy", str(target), "--models_dir", str(models)]) == 0
+    assert sha(models / "local" / "deepred" / "deepred.gguf") == sha(real)
+    assert recorded(lms_on_path)[:3] == ["load", "--exact", "local/deepred/deepred.gguf"]

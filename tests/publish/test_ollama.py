@@ -26,6 +26,7 @@ from deepred.errors import DeepRedError
 from deepred.persona import load_persona
 
 from .. import gotemplate
+from .corrupt_gguf import incomplete_variants
 
 CP, CAT, SLEEP = shutil.which("cp"), shutil.which("cat"), shutil.which("sleep")  # before the tests narrow PATH
 SMOLLM2_TEMPLATE_SYSTEM = "You are a helpful AI assistant named SmolLM"
@@ -515,3 +516,30 @@ def test_the_pipelines_deploy_stage_goes_to_ollama(env, gguf, fake_ollama):
     assert deploy_stage(run, {}) == {"deployed": str(env / "output" / "deepred.Modelfile")}
     assert fake.calls()[-1] == ["create", "deepred-run", "-f", str(env / "output" / "deepred.Modelfile")]
 
+
+
+# ------------------------------------------------------------------------------------------------ incomplete GGUFs
+
+
+def test_an_incomplete_gguf_is_refused_before_anything_is_written(env, fake_ollama, gguf_file, tiny_model,
+                                                                    smollm2_template, capsys):
+    """A real GGUF cut short, or "GGUF" followed by random bytes: one line, exit 2, no Modelfile, ollama never run;
+    the good file deployed afterwards under the same name is created."""
+    fake = fake_ollama()
+    real = gguf_file(tiny_model, "q4_k_m")
+    target = env / "output" / "deepred.gguf"
+    small = write_gguf(env / "small.gguf", smollm2_template)
+    for kind, write in incomplete_variants(real, small, target).items():
+        if "last tensor" in kind:
+            continue  # write_gguf's files hold no tensor; the LM Studio test cuts one that does
+        write()
+        assert main(["deploy", str(target), "--target", "ollama", "--name", "deepred"]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {target} is not a complete GGUF: ") and err.count("\n") == 1, (kind, err)
+        assert err.rstrip().endswith("reconvert it with deepred convert"), (kind, err)
+        assert files_in(target.parent) == ["deepred.gguf"] and fake.calls() == [], kind
+
+    shutil.copyfile(real, target)
+    assert main(["deploy", str(target), "--target", "ollama", "--name", "deepred"]) == 0
+    assert files_in(target.parent) == ["deepred.Modelfile", "deepred.gguf"]
+    assert fake.calls() == [["list"], ["create", "deepred", "-f", str(env / "output" / "deepred.Modelfile")]]

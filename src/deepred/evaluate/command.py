@@ -139,6 +139,21 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     base = base_source(cfg) if cfg.compare else None
     output_dir = Path(cfg.output_dir)
     ensure_writable(output_dir)
+    try:
+        sides = _scored_sides(cfg, persona, primary, base, output_dir, log)
+    except KeyboardInterrupt:
+        log(interrupted_note(output_dir))
+        raise
+    report = _assemble(sides, persona)
+    paths = write_report(report, output_dir)
+    log(summary_text(report))
+    log(f"report written to {paths['html']}")
+    return report
+
+
+def _scored_sides(cfg: EvalConfig, persona: Persona, primary: Source, base: Source | None, output_dir: Path,
+                  log) -> dict[str, dict]:
+    """Each side's answers, collected and scored: the report's parts, before anything is written."""
     models = _Models()
     prompts = None if primary.kind == "responses" else load_prompts(cfg.prompts, persona)
     answers = {primary.label: collect_answers(primary, prompts, cfg, persona, models, log)}
@@ -146,7 +161,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         base_prompts = prompts or [prompt_fields(r, r["id"]) for r in answers[primary.label]]
         answers["base"] = collect_answers(base, base_prompts, cfg, persona, models, log)
     for label, rows in answers.items():
-        refuse_if_every_request_failed(rows, primary if label == primary.label else base, output_dir)
+        refuse_if_most_requests_failed(rows, primary if label == primary.label else base, output_dir, log)
     perplexity = _perplexity_scorer(cfg, persona, models, log)
     sides = {}
     for label, rows in answers.items():
@@ -156,21 +171,32 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         sides[label] = _side_report(entries, source, cfg, persona, perplexity)
         if cfg.judge_endpoint:
             sides[label]["judge"] = judge_answers(entries, cfg, persona, log)
-    report = _assemble(sides, persona)
-    paths = write_report(report, output_dir)
-    log(summary_text(report))
-    log(f"report written to {paths['html']}")
-    return report
+    return sides
 
 
-def refuse_if_every_request_failed(rows: list[dict], source: Source, output_dir: Path) -> None:
-    """A report of 0 % everywhere would read like a bad model, not a dead server: refuse before writing it, so the
-    report on disk (if any) stays the previous one. Some failed requests are scored as failures, never as passes."""
+def interrupted_note(output_dir: Path) -> str:
+    """What a Ctrl-C before the report is written leaves: no answers kept, the report on disk untouched."""
+    previous = output_dir / "report.json"
+    on_disk = (f"{previous} is still the previous report, not this run's" if previous.is_file()
+               else f"no report was written to {output_dir}")
+    return (f"interrupted: the answers collected so far are lost (evaluate keeps none; running the command again asks "
+            f"every prompt again); {on_disk}")
+
+
+def refuse_if_most_requests_failed(rows: list[dict], source: Source, output_dir: Path, log) -> None:
+    """More than half of a side's requests failed after their retries: refuse before writing, so the report on disk
+    (if any) stays the previous one. A report of mostly 0 % would read like a bad model, not a failing server.
+    Up to half failed: a warning, and each failure is scored as a failure, never as a pass."""
     failed = [row for row in rows if row.get("error")]
-    if rows and len(failed) == len(rows):
-        raise DeepRedError(f"every one of the {len(rows)} requests to {source.describe()} failed (first: "
-                           f"{failed[0]['error']}); nothing was scored and {output_dir} was not written: check that "
-                           "the server is running and serves the model, then run again")
+    if not failed:
+        return
+    share = "every one" if len(failed) == len(rows) else f"{len(failed)}"
+    counts = f"{share} of the {len(rows)} requests to {source.describe()} failed (first: {failed[0]['error']})"
+    if 2 * len(failed) > len(rows):
+        most = "" if len(failed) == len(rows) else ", more than half"
+        raise DeepRedError(f"{counts}{most}; nothing was scored and {output_dir} was not written: check "
+                           "that the server is running and serves the model, then run again")
+    log(f"warning: {counts}; they are scored as failures in every metric")
 
 
 def _perplexity_scorer(cfg: EvalConfig, persona: Persona, models: _Models, log) -> PerplexityScorer | None:

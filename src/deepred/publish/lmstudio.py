@@ -25,7 +25,7 @@ from typing import BinaryIO
 from ..config import DeployConfig
 from ..errors import DeepRedError
 from ..files import Log, atomic_file, file_sha256
-from ..gguf_file import require_gguf_file
+from ..gguf_file import require_complete_gguf
 from .common import curl_command, executable_from_env, one_line, persona_chat
 
 PUBLISHER = "local"  # the first of LM Studio's two folder levels
@@ -230,7 +230,7 @@ def _print_usage(log: Log, name: str, loaded: bool, chat: list[dict]) -> None:
 def deploy_lmstudio(cfg: DeployConfig, log: Log = print) -> Path:
     """Copy cfg.gguf to <models>/local/<name>/, load it with `lms` when possible; returns the deployed file."""
     name = validate_name(cfg.name)
-    src = require_gguf_file(cfg.gguf)
+    src, _ = require_complete_gguf(cfg.gguf)  # parsed whole before anything is copied
     chat = persona_chat(cfg.persona)
     server_url()  # checks LMSTUDIO_HOST/PORT before anything is written
     root = models_dir(cfg.models_dir)

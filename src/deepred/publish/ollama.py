@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from ..config import DeployConfig
 from ..errors import DeepRedError
 from ..files import Log, write_atomic
-from ..gguf_file import read_fields, require_gguf_file
+from ..gguf_file import require_complete_gguf
 from ..persona import load_persona
 from .common import executable_from_env, one_line, persona_chat
 
@@ -112,8 +112,8 @@ class GgufChat:
     end_tokens: list[str]  # eos, and eot where the GGUF names one
 
 
-def read_gguf_chat(path: Path) -> GgufChat:
-    fields = read_fields(path)
+def read_gguf_chat(fields: dict) -> GgufChat:
+    """From the GGUF's metadata fields (gguf-py's, as require_complete_gguf returns them)."""
 
     def value(key: str):
         return fields[key].contents() if key in fields else None
@@ -302,9 +302,10 @@ def deploy_ollama(cfg: DeployConfig, log: Log = print) -> Path:
     Everything that can refuse (name, file, OLLAMA_HOST, persona, an existing model without --force) is checked
     before anything is written; the Modelfile is written atomically."""
     name = validate_name(cfg.name)
-    gguf = require_gguf_file(cfg.gguf).absolute()
+    gguf, fields = require_complete_gguf(cfg.gguf)
+    gguf = gguf.absolute()
     url = base_url()
-    chat = read_gguf_chat(gguf)
+    chat = read_gguf_chat(fields)
     text, is_chatml = build_modelfile(gguf, chat, persona_system_prompt(cfg.persona))
     target = modelfile_path(gguf)
     if target.exists() and not target.is_file():
