@@ -203,7 +203,8 @@ def test_a_replacement_cut_short_never_leaves_a_broken_merge(tiny_model, trained
     """The fault of the issue: `merge` deleted the old folder and then renamed the new one in, so a kill during the
     delete left weights and marker without tokenizer.json, and the rerun was refused as "not written by deepred
     merge". Now the old folder is renamed aside, the new one renamed in, the old one deleted; a `deepred merge`
-    child is cut short at each of those moments, then merged again as a user would."""
+    child is cut short at each of those moments, then merged again as a user would. With replace_folder put back to
+    delete-then-rename, the `delete` case fails here: the final path is left without tokenizer.json."""
     out = tmp_path / "merged-deepred"
     shutil.copytree(merged_model, out)
     (out / "earlier.txt").write_text("the earlier merge")
