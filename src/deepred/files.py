@@ -5,6 +5,10 @@ sibling (`.NAME.PID.partial`, same filesystem) and renamed into place only when 
 exists is renamed aside first, then the new one in, then the old one deleted, so a kill at any moment leaves either
 the old or the new folder at the final name, never a mixture. Temporaries left by a killed process carry its PID,
 so a later write to the same name removes them.
+
+A process that writes a run folder or an output holds its lock (`folder_lock`, `output_lock`): a second process is
+refused in one line naming the first one's PID, a lock left by a killed process is taken over (the kernel drops an
+flock when its holder dies), and whoever takes a lock first removes what killed writers left in that folder.
 """
 
 from __future__ import annotations
@@ -13,15 +17,30 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import DeepRedError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: outputs are written without a lock
+    fcntl = None
+
 Log = Callable[[str], object]
 PARTIAL = ".partial"
+LOCK = ".deepred.lock"  # a run or training folder's lock; an output's lock is `.NAME.lock` beside it
+# `.NAME.PID[.TAG].partial` as partial_path makes it (NAME may hold dots; TAG is e.g. `f32` or `old`)
+PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:\.(?P<tag>[A-Za-z0-9_]+))?\.partial$")
+
+
+class FolderBusy(DeepRedError):
+    """Another process holds the lock of the folder or output this one would write."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,6 +63,29 @@ def remove_stale_partials(path: Path) -> list[Path]:
         if pid.isdigit() and not process_alive(int(pid)):
             remove(candidate)
             removed.append(candidate)
+    return removed
+
+
+def remove_stale_partials_in(folder: Path, log: Log = print) -> list[Path]:
+    """Delete every temporary that a process no longer running left in `folder`, and say so in one line. An earlier
+    folder set aside for a replacement that was killed before the new one was renamed in is put back instead."""
+    removed, restored = [], []
+    for candidate in sorted(Path(folder).glob(f".*{PARTIAL}")):
+        match = PARTIAL_NAME.match(candidate.name)
+        if not match or int(match["pid"]) == os.getpid() or process_alive(int(match["pid"])):
+            continue
+        final = candidate.with_name(match["name"])
+        if match["tag"] == "old" and candidate.is_dir() and not final.exists() and not final.is_symlink():
+            os.replace(candidate, final)
+            restored.append(final)
+        else:
+            remove(candidate)
+            removed.append(candidate)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) that killed deepred processes left in {folder}: "
+            + ", ".join(p.name for p in removed))
+    for final in restored:
+        log(f"restored {final}: a replacement of it was killed before the new one was in place")
     return removed
 
 
@@ -134,6 +176,114 @@ def read_json(path: Path | None) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# locks
+
+
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth (a stage inside a run may lock again)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, flag: str = "--output_dir", log: Log = print) -> Iterator[Path]:
+    """Hold `folder`'s lock while the block writes there (the folder is created and proved writable first, or one
+    line names `flag`); on entry, temporaries of killed processes in it are removed."""
+    folder = Path(folder)
+    ensure_writable_folder(folder, flag)
+    with _locked(folder / LOCK, folder, log):
+        remove_stale_partials_in(folder, log)
+        yield folder
+
+
+@contextlib.contextmanager
+def output_lock(path: Path, flag: str = "--output_path", log: Log = print) -> Iterator[Path]:
+    """Hold the lock of one output (a file or folder replaced atomically): `.NAME.lock` beside it, so writers of
+    other outputs in the same folder are not held up. Its folder is checked and cleaned as by folder_lock."""
+    path = Path(path)
+    ensure_writable_folder(path.parent, flag)
+    with _locked(path.with_name(f".{path.name}.lock"), path, log):
+        remove_stale_partials_in(path.parent, log)
+        yield path
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path, subject: Path, log: Log) -> Iterator[None]:
+    key = os.path.abspath(lock_file)
+    if key in _HELD or fcntl is None:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    fd = _acquire(lock_file, subject, log)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            if _same_file(fd, lock_file):
+                lock_file.unlink()  # while still holding it: a process waiting on this file sees it is gone
+        os.close(fd)
+
+
+def _acquire(lock_file: Path, subject: Path, log: Log) -> int:
+    """flock(LOCK_EX | LOCK_NB) on the lock file, then our PID in it. The kernel releases an flock when its holder
+    dies, so a lock whose file still names a process is stale exactly when it can be taken (no PID-reuse guess)."""
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DeepRedError(f"cannot create the lock file {lock_file} ({exc.strerror}); "
+                               f"choose another folder") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _live_holder(fd)
+            os.close(fd)
+            host = f" on {holder['host']}" if holder.get("host", socket.gethostname()) != socket.gethostname() else ""
+            raise FolderBusy(f"another deepred process (PID {holder.get('pid', '?')}{host}) is using {subject}; wait "
+                             "for it to finish, or stop it, then run this again") from None
+        if _same_file(fd, lock_file):
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: lock the new one
+    stale = _read_holder(fd)
+    if stale.get("pid"):
+        log(f"took over the lock of {subject} from deepred process {stale['pid']}, which ended without releasing "
+            "it (killed?)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    return fd
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _live_holder(fd: int) -> dict:
+    """The holder's record; a holder that has just taken the lock writes its PID a moment later, so wait for it."""
+    deadline = time.monotonic() + 2
+    holder = _read_holder(fd)
+    while time.monotonic() < deadline and not (holder.get("pid") and process_alive(int(holder["pid"]))):
+        time.sleep(0.05)
+        holder = _read_holder(fd)
+    return holder
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import MergeConfig
 from .errors import DeepRedError
-from .files import atomic_folder, refuse_output_over_inputs
+from .files import atomic_folder, output_lock, refuse_output_over_inputs
 from .models.loading import declared_tokenizer_flags, from_pretrained, set_tokenizer_flags
 from .models.registry import resolve_base_model
 from .persona import load_persona
@@ -69,13 +69,19 @@ def merge_dtype(name: str, base_model: str):
 
 
 def merge(cfg: MergeConfig, log=print) -> Path:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     lora_path = Path(cfg.lora_path)
     output_path = Path(cfg.output_path)
     base_model = resolve_base_model(check_base_matches(cfg.base_model or "", lora_path, cfg.force))
     refuse_output_over_inputs(output_path, {"adapter": lora_path, "base model": base_model}, "--output_path")
+    # before any model loads: a folder that cannot be written, or another process writing this output, is one line
+    with output_lock(output_path, "--output_path", log):
+        return _merge_into(cfg, lora_path, output_path, base_model, log)
+
+
+def _merge_into(cfg: MergeConfig, lora_path: Path, output_path: Path, base_model: str, log) -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     check_replaceable(output_path, cfg.force)
     persona = load_persona(cfg.persona) if cfg.verify else None  # a bad persona file is refused before the work
     dtype, dtype_name = merge_dtype(cfg.dtype, base_model)

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from ..config import ConvertConfig
 from ..errors import DeepRedError
-from ..files import atomic_file, ensure_writable_folder, partial_path, refuse_output_over_inputs, remove_stale_partials
+from ..files import atomic_file, ensure_writable_folder, output_lock, partial_path, refuse_output_over_inputs
 from ..gguf_file import is_gguf
 from ..llama_runtime import die_with_parent
 from ..models.loading import missing_family_flags, tokenizer_config
@@ -181,9 +181,13 @@ def convert(cfg: ConvertConfig, log=print, check_final: bool = True) -> Path:
     if output_path.is_file() and not cfg.force and not is_gguf(output_path):
         raise DeepRedError(f"--output_path {output_path} exists and is not a GGUF file; add --force to replace it, "
                            "or choose another --output_path")
-    for stale in remove_stale_partials(output_path):
-        log(f"removed {stale.name}, left by an interrupted conversion")
+    with output_lock(output_path, "--output_path", log):  # temporaries of killed conversions are removed here
+        _convert_into(cfg, model_dir, config, output_path, log, check_final)
+    log(f"wrote {output_path}")
+    return output_path
 
+
+def _convert_into(cfg: ConvertConfig, model_dir: Path, config: dict, output_path: Path, log, check_final: bool) -> None:
     started = time.monotonic()
     with converter_input(model_dir, config, log) as source, atomic_file(output_path) as result:
         if cfg.quant_type in CONVERTER_TYPES:
@@ -206,8 +210,6 @@ def convert(cfg: ConvertConfig, log=print, check_final: bool = True) -> Path:
         log(f"{cfg.quant_type}: {_size(result)} in {seconds:.1f} s")
         if cfg.check and check_final:
             _check_or_explain(result, model_dir, output_path, log, label=output_path.name)
-    log(f"wrote {output_path}")
-    return output_path
 
 
 def _check_or_explain(gguf: Path, model_dir: Path, output_path: Path, log, label: str) -> None:

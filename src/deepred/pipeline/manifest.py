@@ -22,6 +22,12 @@ class StageFailed(DeepRedError):
     pass
 
 
+class RunInterrupted(StageFailed):
+    """Ctrl-C or SIGTERM stopped the run; what finished is kept and the same command resumes it."""
+
+    exit_code = 130
+
+
 def content_hash(path: Path) -> str:
     """A file's or folder's content hash; model cards are left out (they are rewritten as later stages finish)."""
     return hash_path(path, ignore=frozenset({CARD}))

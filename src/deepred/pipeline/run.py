@@ -3,30 +3,37 @@ when they changed, resumed when interrupted; the run's model cards once it ends 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 from pathlib import Path
 
 from ..config import STAGES, RunConfig
 from ..data import resolve_dataset
 from ..errors import DeepRedError
-from ..files import read_json, refuse_output_over_inputs
+from ..files import LOCK, folder_lock, read_json, refuse_output_over_inputs
 from ..models.registry import is_builtin
 from ..pairs_data import load_pairs_for_training
 from ..persona import load_persona
 from ..prompts import refuse_evaluation_prompts
 from ..publish.cards import CardSources, run_command, write_adapter_cards, write_card
 from ..records import MANIFEST, RUN_CONFIG
-from .manifest import Manifest, Run, StageFailed, fingerprint, outputs_hash, why_rerun
+from .manifest import Manifest, Run, RunInterrupted, StageFailed, fingerprint, outputs_hash, why_rerun
 from .stages import STAGE_FUNCTIONS
 
 
 def _check_run_folder(cfg: RunConfig, run_dir: Path) -> None:
-    """The run folder may hold only this pipeline's own outputs: never its inputs, never someone else's files."""
+    """The run folder may never hold this pipeline's inputs."""
     base = None if is_builtin(cfg.base_model) else cfg.base_model  # built-ins live in the cache
     dataset, _ = resolve_dataset(cfg.dataset)
     refuse_output_over_inputs(run_dir, {"base model": base, "dataset": dataset, "evaluation prompts": cfg.eval_prompts},
                               "--output_dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST).is_file() and not cfg.force:
+
+
+def _refuse_foreign_files(cfg: RunConfig, run_dir: Path) -> None:
+    """Nor someone else's files (checked under the lock, which is ours)."""
+    foreign = any(p.name != LOCK for p in run_dir.iterdir())
+    if foreign and not (run_dir / MANIFEST).is_file() and not cfg.force:
         raise DeepRedError(f"--output_dir {run_dir} holds files that are not a `deepred run` folder (no {MANIFEST}); "
                            "choose an empty or new folder, or add --force to write there anyway")
 
@@ -44,14 +51,37 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     if cfg.preference != "none" and cfg.pairs:  # and pairs that are malformed or ask an evaluation prompt
         report, _ = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, lambda *a: None)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, run_dir, Manifest.load(run_dir), log)
-    try:
-        _run_stages(run, STAGES.index(from_stage) if from_stage else len(STAGES))
-    finally:
-        write_run_cards(run)  # once: they say what this invocation made or kept, figures included once it evaluated
-    _print_summary(run)
+    with folder_lock(run_dir, "--output_dir", log), _sigterm_as_interrupt():  # a second run is refused here
+        _refuse_foreign_files(cfg, run_dir)
+        run = Run(cfg, run_dir, Manifest.load(run_dir), log)
+        try:
+            _run_stages(run, STAGES.index(from_stage) if from_stage else len(STAGES))
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            stopped = str(exc) if isinstance(exc, RunInterrupted) else "interrupted"
+            raise RunInterrupted(f"{stopped}; the finished stages are kept in {run_dir}. Resume with: "
+                                 f"{run_command(cfg, None)}") from exc
+        finally:
+            write_run_cards(run)  # once: what this invocation made or kept, figures included once it evaluated
+        _print_summary(run)
     return run
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler, `kill`) stops a run as Ctrl-C does: outputs cleaned up, lock released, the resume
+    command printed. Training installs its own graceful handler for both while it runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_stages(run: Run, forced_from: int) -> None:

@@ -15,7 +15,7 @@ from ..pairs_data import load_pairs_for_training
 from ..persona import load_persona
 from ..prompts import refuse_evaluation_prompts
 from ..train import train
-from .manifest import Run, StageFailed, model_identity
+from .manifest import Run, RunInterrupted, model_identity
 
 # Training settings that change what is learned fingerprint the training; how it is computed, logged, saved and
 # where it is written do not (config.ROLES).
@@ -57,8 +57,7 @@ def run_training(run: Run, stage: str, previous: dict, prefix: str, **overrides)
     result = train(TrainConfig(**settings), log=run.log, given=given, command=None)
     if result.interrupted:
         run.manifest.record(stage, status="interrupted")
-        raise StageFailed(f"training was interrupted; run the same `deepred run` command again to resume from "
-                          f"the newest checkpoint in {train_dir}")
+        raise RunInterrupted(f"training was interrupted; it resumes from the newest checkpoint in {train_dir}")
     return {"train_dir": str(train_dir), "adapter": str(result.final_dir)}
 
 

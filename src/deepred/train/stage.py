@@ -7,11 +7,12 @@ graceful stop on SIGINT/SIGTERM, out-of-memory back-off) -> save final/, the res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 from ..config import TrainConfig
-from ..files import ensure_writable_folder
+from ..files import folder_lock
 from ..models.loading import load_tokenizer
 from ..models.registry import resolve_base_model
 from .callbacks import GracefulStop, MemoryProbe, ProgressBar
@@ -54,8 +55,15 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
     quiet_dataset_maps()
 
     base_model = resolve_base_model(cfg.base_model)
-    if main:
-        ensure_writable_folder(output_dir, "--output_dir")
+    # rank 0 writes the folder and holds its lock: a second training there is refused, and one killed is taken over
+    with folder_lock(output_dir, "--output_dir", log) if main else contextlib.nullcontext():
+        return _train_in(cfg, log, callbacks, command, hw, state, output_dir, report, data_hash, base_model)
+
+
+def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, output_dir, report, data_hash: str,
+              base_model: str) -> TrainResult:
+    """The training itself, in the folder train() chose and holds."""
+    main = state.is_main_process
     resume = resume_point(cfg, output_dir, base_model, data_hash, log)
 
     tokenizer = load_tokenizer(base_model, cfg.trust_remote_code)
