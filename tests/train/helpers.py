@@ -145,9 +145,10 @@ def assert_ran_only_the_rest(run_dir: Path, output: str, began: int, max_steps: 
     LambdaLR multiplies the peak by the factor), so only a few ulps of rounding can differ."""
     results = json.loads((run_dir / "train_results.json").read_text())
     ran = {key: results.get(key) for key in ("resumed_from_step", "steps_this_process", "first_step_this_process")}
-    assert ran == {"resumed_from_step": began, "steps_this_process": max_steps - began,
-                   "first_step_this_process": began + 1}, output[-3000:]
+    left = {"resumed_from_step": began, "steps_this_process": max_steps - began, "first_step_this_process": began + 1}
+    assert ran == left, f"the resuming process ran {ran}, not {left}\n{output[-3000:]}"
     expected = scheduled_learning_rate(began + 1, peak, warmup_steps, max_steps)
     assert expected > 0  # never the warm-up's start, which a restart would take
-    assert results["first_step_learning_rate"] == pytest.approx(expected, rel=1e-9), output[-3000:]
+    lr = results["first_step_learning_rate"]
+    assert lr == pytest.approx(expected, rel=1e-9), f"its first step's learning rate {lr}, not {expected}"
     assert f"this process resumed at step {began} of {max_steps}, ran {max_steps - began} steps" in output
