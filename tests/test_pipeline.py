@@ -1,4 +1,4 @@
-"""`deepred run`: manifest skip/rerun logic, --from, resume after a kill, failures that name their stage."""
+"""`deepred run`: manifest skip/rerun logic, --from, resume after a stop or a kill, failures that name their stage."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from deepred.train.run_dir import latest_checkpoint
 
 from .conftest import DATA
 from .publish.test_cards import commands, read_card
+from .train.helpers import assert_ran_only_the_rest, stop_once_a_checkpoint_exists, stopped_step
 
 QUICK = dict(max_steps=2, batch_size=1, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
              save_steps=100, quant_types=["f16"], check=False, evaluate=False)
@@ -131,30 +131,38 @@ def test_run_folder_never_holds_its_inputs_or_foreign_files(tiny_model, tmp_path
     assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
 
 
-def test_killed_training_resumes_on_rerun(tiny_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopped_training_resumes_on_rerun_and_runs_only_the_steps_left(tiny_model, tmp_path, sig):
+    """`deepred run` stopped while it trains, by SIGTERM (as Ctrl-C: a checkpoint is saved where it stops) or by
+    SIGKILL (a crash: the newest periodic checkpoint is kept); the same command again resumes the train stage from
+    that checkpoint, runs only the steps left, its first at the schedule's learning rate there (3 warm-up steps of
+    12), and finishes the pipeline."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepred.cli", "run", "--base_model", str(tiny_model), "--dataset",
-           str(DATA / "mini.jsonl"), "--output_dir", str(run_dir), "--max_steps", "8", "--save_steps", "2",
+           str(DATA / "mini.jsonl"), "--output_dir", str(run_dir), "--max_steps", "12", "--save_steps", "2",
            "--batch_size", "1", "--gradient_accumulation_steps", "1", "--val_split", "0", "--lora_r", "4",
-           "--lora_alpha", "8", "--quant_types", "f16", "--no-check", "--no-evaluate"]
+           "--lora_alpha", "8", "--learning_rate", "0.002", "--warmup_ratio", "0.25", "--quant_types", "f16",
+           "--no-check", "--no-evaluate"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    checkpoint = None
-    while checkpoint is None and time.time() < deadline and proc.poll() is None:
+
+    def checkpoint():
         runs = list(run_dir.glob("theme-deepred-*"))
-        checkpoint = latest_checkpoint(runs[0]) if runs else None
-        time.sleep(0.3)
-    assert checkpoint is not None, "training never wrote a checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "deepred.gguf").exists()
+        return latest_checkpoint(runs[0]) if runs else None
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output = stop_once_a_checkpoint_exists(proc, checkpoint, sig)
+    assert proc.returncode != 0 and not (run_dir / "deepred.gguf").exists(), output[-3000:]
+    train_dir = checkpoint().parent
+    stopped = stopped_step(output, train_dir) if sig == signal.SIGTERM else int(checkpoint().name.split("-")[1])
+    assert 2 <= stopped < 12 and not (train_dir / "final").exists(), output[-3000:]
 
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "[train] running (previous attempt running)" in result.stdout
-    assert "resuming from" in result.stdout
-    assert len(list(run_dir.glob("theme-deepred-*"))) == 1
+    status = "interrupted" if sig == signal.SIGTERM else "running"  # a killed process could not record its end
+    assert f"[train] running (previous attempt {status})" in result.stdout
+    assert f"resuming from {train_dir / f'checkpoint-{stopped}'}" in result.stdout
+    assert list(run_dir.glob("theme-deepred-*")) == [train_dir]
+    assert_ran_only_the_rest(train_dir, result.stdout, stopped, max_steps=12, peak=0.002, warmup_steps=3)
     assert (run_dir / "deepred.gguf").is_file()
 
 

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -15,6 +23,7 @@ from deepred.train.examples import split, truncate_rows
 from deepred.train.hardware import detect_hardware
 from deepred.train.model import load_model, lora_config
 from deepred.train.plan import plan_batches
+from deepred.train.run_dir import latest_checkpoint
 from deepred.train.trainer import build_trainer
 
 from ..conftest import DATA
@@ -92,3 +101,54 @@ def saved_activation_bytes(trainer, batch: dict) -> int:
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=supervised)
     return sum(storages.values())
+
+
+def scheduled_learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate that optimizer step `step` (counted from 1) takes under a linear warm-up from 0 followed by
+    a cosine decay to 0 (transformers' "cosine" schedule, which training uses). The scheduler advances after each
+    optimizer step, so step s takes the schedule's value after s - 1 steps: step 1 takes 0, the warm-up's start.
+    Written from the schedule's definition, not from deepred's code."""
+    done = step - 1
+    if done < warmup_steps:
+        return peak * done / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (done - warmup_steps) / (max_steps - warmup_steps)))
+
+
+def stop_once_a_checkpoint_exists(proc: subprocess.Popen, checkpoint: Callable[[], Path | None],
+                                  sig: int = signal.SIGTERM, timeout: float = 300) -> str:
+    """Send `sig` (SIGTERM as a user's Ctrl-C or a scheduler would, SIGKILL as a crash) to a training process as soon
+    as `checkpoint()` finds a complete checkpoint; its output once it has ended."""
+    deadline = time.time() + timeout
+    while checkpoint() is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint() is not None, "training never wrote a checkpoint"
+    assert proc.poll() is None, "training ended before it could be stopped"
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=timeout)
+    return output or ""
+
+
+def stopped_step(output: str, run_dir: Path) -> int:
+    """The step a gracefully stopped run says it stopped at, checked against the checkpoint it saved there."""
+    step = int(re.search(r"SIGTERM: stopped at step (\d+);", output).group(1))
+    assert latest_checkpoint(run_dir) == run_dir / f"checkpoint-{step}", output[-2000:]
+    return step
+
+
+def assert_ran_only_the_rest(run_dir: Path, output: str, began: int, max_steps: int, peak: float,
+                             warmup_steps: int) -> None:
+    """The process that finished the run in `run_dir` (its output given) resumed from the checkpoint of step
+    `began`, ran exactly the steps left, and its first step took the schedule's learning rate at that step. A resume
+    that silently starts over runs `max_steps` steps from step 1, at learning rate 0.
+
+    The rate is compared to 1e-9 relative: both sides evaluate the same closed form in float64 (the scheduler's
+    LambdaLR multiplies the peak by the factor), so only a few ulps of rounding can differ."""
+    results = json.loads((run_dir / "train_results.json").read_text())
+    ran = {key: results.get(key) for key in ("resumed_from_step", "steps_this_process", "first_step_this_process")}
+    left = {"resumed_from_step": began, "steps_this_process": max_steps - began, "first_step_this_process": began + 1}
+    assert ran == left, f"the resuming process ran {ran}, not {left}\n{output[-3000:]}"
+    expected = scheduled_learning_rate(began + 1, peak, warmup_steps, max_steps)
+    assert expected > 0  # never the warm-up's start, which a restart would take
+    lr = results["first_step_learning_rate"]
+    assert lr == pytest.approx(expected, rel=1e-9), f"its first step's learning rate {lr}, not {expected}"
+    assert f"this process resumed at step {began} of {max_steps}, ran {max_steps - began} steps" in output

@@ -20,6 +20,7 @@ from deepred.train import train
 from deepred.train.run_dir import latest_checkpoint
 
 from ..conftest import DATA, REPO
+from .helpers import assert_ran_only_the_rest
 
 
 SPEC_FLAGS = ["--base_model", "--dataset", "--output_dir", "--epochs", "--batch_size", "--learning_rate",
@@ -66,12 +67,13 @@ def test_training_loss_falls_and_run_folder_has_the_spec_layout(trained_run):
 
 
 def test_sigterm_then_the_printed_resume_command_finishes_the_same_run(tiny_model, tmp_path):
-    """Kill at a checkpoint, run the printed command as is: the run ends at its own step count and batch."""
+    """Stop at a checkpoint, run the printed command as is: the run ends at its own step count and batch, and the
+    resumed process ran only the steps left, from the schedule's learning rate there (3 warm-up steps of 30)."""
     out = tmp_path / "run"
     args = ["--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir", str(out),
             "--max_steps", "30", "--save_steps", "3", "--save_total_limit", "2", "--batch_size", "1",
             "--gradient_accumulation_steps", "1", "--val_split", "0", "--lora_r", "4", "--lora_alpha", "8",
-            "--learning_rate", "0.002"]
+            "--learning_rate", "0.002", "--warmup_ratio", "0.1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune_theme.py"), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -99,6 +101,7 @@ def test_sigterm_then_the_printed_resume_command_finishes_the_same_run(tiny_mode
                              env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {stopped_at}" in resumed.stdout
+    assert_ran_only_the_rest(out, resumed.stdout, step, max_steps=30, peak=0.002, warmup_steps=3)
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["global_step"] == state["max_steps"] == 30 and state["train_batch_size"] == 1
     plan = json.loads((out / "run_config.json").read_text())["batch_plan"]
@@ -113,7 +116,8 @@ def test_sigterm_then_the_printed_resume_command_finishes_the_same_run(tiny_mode
 
 
 def test_deepred_train_resume_command_restores_the_recorded_settings(tiny_model, tmp_path, capsys):
-    """`deepred train ... --resume_latest` with no other flag: batch, schedule, LoRA, sample come from the record."""
+    """`deepred train ... --resume_latest` with no other flag: batch, schedule, LoRA, sample come from the record,
+    and it runs only the steps left (1 warm-up step of 5)."""
     from transformers import TrainerCallback
 
     from deepred.cli import main
@@ -127,15 +131,17 @@ def test_deepred_train_resume_command_restores_the_recorded_settings(tiny_model,
     said: list[str] = []
     cfg = TrainConfig(base_model="tiny", dataset=str(DATA / "mini.jsonl"), output_dir=str(out), max_steps=5,
                       batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-3, lora_r=4, lora_alpha=8,
-                      max_samples=10, val_split=0.2, save_steps=100, profile="reference")
+                      max_samples=10, val_split=0.2, save_steps=100, profile="reference", warmup_ratio=0.2)
     result = train(cfg, log=said.append, callbacks=(StopAtStepTwo(),))
     assert result.interrupted
     printed = next(line for line in said if "Resume with: " in line).split("Resume with: ")[1]
     assert printed == f"deepred train --output_dir {out} --resume_latest"
+    stopped = int(latest_checkpoint(out).name.split("-")[1])  # the step that saw the signal saved a checkpoint
 
     assert main(shlex.split(printed)[1:]) == 0
     said_now = capsys.readouterr().out
     assert "resuming with the run's recorded settings" in said_now
+    assert_ran_only_the_rest(out, said_now, stopped, max_steps=5, peak=3e-3, warmup_steps=1)
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["global_step"] == 5 and state["train_batch_size"] == 2
     recorded = json.loads((out / "run_config.json").read_text())

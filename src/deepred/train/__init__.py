@@ -7,7 +7,7 @@
     model.py      the model in its dtype (bitsandbytes on CUDA) and its LoRA adapter
     loss.py       the output layer on the supervised positions only; packed batches cut to a token budget
     trainer.py    TRL's SFTTrainer (and our subclass) with the plan's arguments
-    callbacks.py  progress bar, graceful stop, memory probe
+    callbacks.py  progress bar, graceful stop, the steps this process ran, memory probe
     memory.py     the memory probe's search and the out-of-memory back-off
     report.py     run_config.json, results, the loss curve, the next commands
     stage.py      train(): the flow top to bottom

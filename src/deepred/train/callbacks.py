@@ -1,4 +1,5 @@
-"""Trainer callbacks, one class each: the progress bar, the graceful stop on Ctrl-C/SIGTERM, the GPU memory probe."""
+"""Trainer callbacks, one class each: the progress bar, the graceful stop on Ctrl-C/SIGTERM, the count of the steps
+this process ran, the GPU memory probe."""
 
 from __future__ import annotations
 
@@ -69,6 +70,44 @@ class GracefulStop(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StepCount(TrainerCallback):
+    """What this process trained, counted as it happens: the step it began at (a resumed run's checkpoint), the
+    optimizer steps it took, and the learning rate its first step used. A run that claims to resume but starts
+    over shows here as beginning at step 0, with the warm-up's first learning rate."""
+
+    def __init__(self):
+        self.began_at: int | None = None
+        self.max_steps: int | None = None
+        self.steps = 0
+        self.first_step: int | None = None
+        self.first_learning_rate: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.began_at is None:  # an out-of-memory retry begins again from a checkpoint; the process began here
+            self.began_at = state.global_step
+        self.max_steps = state.max_steps
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.first_step is None:  # the scheduler steps after the optimizer: this is the rate the step uses
+            self.first_step = state.global_step + 1
+            self.first_learning_rate = optimizer.param_groups[0]["lr"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+    def results(self) -> dict:
+        """For train_results.json."""
+        return {"resumed_from_step": self.began_at, "steps_this_process": self.steps,
+                "first_step_this_process": self.first_step, "first_step_learning_rate": self.first_learning_rate}
+
+    def describe(self) -> str:
+        began = "resumed" if self.began_at else "started"
+        text = f"{began} at step {self.began_at or 0} of {self.max_steps}, ran {self.steps} steps"
+        if self.first_step is not None:
+            text += f"; the first (step {self.first_step}) at learning rate {self.first_learning_rate:.4g}"
+        return text
 
 
 class MemoryProbe(TrainerCallback):

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from ..files import folder_lock
 from ..models.loading import load_tokenizer
 from ..models.registry import resolve_base_model
-from .callbacks import GracefulStop, MemoryProbe, ProgressBar
+from .callbacks import GracefulStop, MemoryProbe, ProgressBar, StepCount
 from .examples import cut_rows, describe, load_data, quiet_dataset_maps, row_length, sample, split, training_rows
 from .hardware import detect_hardware, liger_available, under_fsdp
 from .memory import free_accelerator_memory, oom_advice, smaller_plan
@@ -76,7 +76,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
     examples = cut_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = split(examples, cfg.val_split, cfg.seed)
     record = RunRecord(output_dir, cfg, base_model, report, data_hash, lengths, hw, len(examples), main)
-    started = time.time()
+    started, ran = time.time(), StepCount()
     while True:  # until training ends; out of memory retries with a smaller plan from the newest checkpoint
         model = load_model(cfg, base_model, hw)
         if plan.padding_free and not keeps_packed_examples_apart(model):
@@ -91,7 +91,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
         record.lora_targets = adapter_targets(trainer.model)
         record.write(plan)
         stopper = GracefulStop()
-        for callback in (*probe(trainer, plan, examples, hw, log, record), ProgressBar(), stopper, *callbacks):
+        for callback in (*probe(trainer, plan, examples, hw, log, record), ProgressBar(), stopper, ran, *callbacks):
             trainer.add_callback(callback)
         try:
             outcome = trainer.train(resume_from_checkpoint=resume)
@@ -109,12 +109,13 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
             free_accelerator_memory()
             checkpoint = latest_checkpoint(output_dir)
             resume = str(checkpoint) if checkpoint else resume
+    log(f"\nthis process {ran.describe()}")
     if stopper.requested:
         log(f"\n{stopper.requested}: stopped at step {trainer.state.global_step}; checkpoint "
             f"{latest_checkpoint(output_dir)}." + (f" Resume with: {resume_command(command, output_dir)}" if command else ""))
         return TrainResult(output_dir, None, {}, interrupted=True, main_process=main)
 
-    metrics = train_metrics(outcome, trainer, started)
+    metrics = {**train_metrics(outcome, trainer, started), **ran.results()}
     eval_metrics = trainer.evaluate() if eval_set is not None else {"skipped": "no validation split (--val_split 0)"}
     final_dir = save_final(trainer, tokenizer, output_dir, main)
     if main:
