@@ -190,10 +190,16 @@ def folder_lock(folder: Path, flag: str = "--output_dir", log: Log = print) -> I
     """Hold `folder`'s lock while the block writes there (the folder is created and proved writable first, or one
     line names `flag`); on entry, temporaries of killed processes in it are removed."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     ensure_writable_folder(folder, flag)
-    with _locked(folder / LOCK, folder, log):
-        remove_stale_partials_in(folder, log)
-        yield folder
+    try:
+        with _locked(folder / LOCK, folder, log):
+            remove_stale_partials_in(folder, log)
+            yield folder
+    finally:
+        with contextlib.suppress(OSError):  # a refusal before anything was written leaves no empty folders behind
+            for made in created:
+                made.rmdir()
 
 
 @contextlib.contextmanager

@@ -138,18 +138,20 @@ def resume_point(cfg: TrainConfig, output_dir: Path, base_model: str, data_hash:
             return None
     else:
         return None
-    check_checkpoint_matches(checkpoint, output_dir, base_model, data_hash)
+    check_checkpoint_matches(checkpoint, base_model, data_hash)
     log(f"resuming from {checkpoint}")
     return str(checkpoint)
 
 
-def check_checkpoint_matches(checkpoint: Path, output_dir: Path, base_model: str, data_hash: str) -> None:
+def check_checkpoint_matches(checkpoint: Path, base_model: str, data_hash: str) -> None:
+    """The checkpoint was trained on this base model and dataset, as its own run folder recorded them (not the new
+    --output_dir's, which --resume_from_checkpoint may leave as a fresh folder)."""
     adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
     trained_on = adapter_config.get("base_model_name_or_path")
     if trained_on and trained_on != base_model:
         raise DeepRedError(f"checkpoint {checkpoint} was trained on base model '{trained_on}', not '{base_model}'; "
                            f"pass --base_model {trained_on} or start a new --output_dir")
-    recorded = read_json(output_dir / RUN_CONFIG).get("dataset_sha256")
+    recorded = read_json(checkpoint.parent / RUN_CONFIG).get("dataset_sha256")
     if recorded and recorded != data_hash:
         raise DeepRedError(f"checkpoint {checkpoint} was trained on a different dataset (sha256 {recorded[:12]}..., "
                            f"now {data_hash[:12]}...); resume with the original data or start a new --output_dir")
