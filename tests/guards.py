@@ -13,7 +13,7 @@ GUARDS = [
      "train/stage.py",
      "trainer.train(resume_from_checkpoint=resume)",
      "trainer.train(resume_from_checkpoint=None)",
-     ["tests/train/test_stage.py"]),
+     ["tests/train/test_resume.py"]),
     ("merge verify bound (float32) 100x looser",
      "merge.py",
      'VERIFY_TOLERANCE = {"float32": 1e-4,',

@@ -16,6 +16,7 @@ import pytest
 from deepred.cli import build_parser, main
 from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
+from deepred.gguf_file import require_complete_gguf
 from deepred.pipeline import run_pipeline
 from deepred.data import bundled_dataset_path
 from deepred.train.run_dir import latest_checkpoint
@@ -163,7 +164,14 @@ def test_stopped_training_resumes_on_rerun_and_runs_only_the_steps_left(tiny_mod
     assert f"resuming from {train_dir / f'checkpoint-{stopped}'}" in result.stdout
     assert list(run_dir.glob("theme-deepred-*")) == [train_dir]
     assert_ran_only_the_rest(train_dir, result.stdout, stopped, max_steps=12, peak=0.002, warmup_steps=3)
-    assert (run_dir / "deepred.gguf").is_file()
+    # what came after is made from that one resumed training: the merge names its adapter, the manifest its GGUF
+    marker = json.loads((run_dir / "merged-deepred" / "deepred_merge.json").read_text())
+    assert marker["lora_path"] == str(train_dir / "final")
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert {name: stage["status"] for name, stage in stages.items() if name in ("train", "merge", "convert")} == \
+        dict.fromkeys(("train", "merge", "convert"), "done")
+    assert stages["convert"]["outputs"] == {"f16": str(run_dir / "deepred.gguf")}
+    assert require_complete_gguf(run_dir / "deepred.gguf")[1]["general.file_type"].contents() == 1  # MOSTLY_F16
 
 
 def test_yaml_config_and_command_line_override(tmp_path):
