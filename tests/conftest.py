@@ -31,6 +31,24 @@ def with_tokenizer_config(model_dir: Path, view: Path, **changes) -> Path:
     return view
 
 
+def with_scaled_final_norm(model_dir: Path, view: Path, factor: float) -> Path:
+    """A view of model_dir (symlinks) whose final RMSNorm weight is multiplied by `factor`: the output layer is linear
+    without bias, so every logit is multiplied by `factor` too, a mismatch whose size is known before it is measured.
+    The original is untouched."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    view.mkdir()
+    for item in model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (view / item.name).symlink_to(item)
+    tensors = load_file(model_dir / "model.safetensors")
+    norm = tensors["model.norm.weight"]
+    tensors["model.norm.weight"] = (norm * np.float32(factor)).astype(norm.dtype)
+    save_file(tensors, view / "model.safetensors", metadata={"format": "pt"})
+    return view
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """Random tiny Qwen2 (hidden 256, 2 layers) with the real Qwen2.5 tokenizer, float32, safetensors."""

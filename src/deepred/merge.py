@@ -144,8 +144,9 @@ def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str,
             raise DeepRedError(f"merge verification failed: merged logits differ from base+adapter by {worst:.3g} "
                                f"(bound {tolerance:.3g}: {VERIFY_TOLERANCE[dtype_name]} x logit scale {scale:.3g} for "
                                f"{dtype_name}); the merged model is not the trained one, so nothing was written")
-        log(f"verify: max |logit difference| merged vs base+adapter = {worst:.2e} over {len(chats)} chat prompts "
-            f"(bound {tolerance:.2e} = {VERIFY_TOLERANCE[dtype_name]} x logit scale for {dtype_name}): ok")
+        log(f"verify: max |logit difference| merged vs base+adapter = {worst:.2e} = {worst / max(1.0, scale):.2e} x "
+            f"logit scale {scale:.3g} over {len(chats)} chat prompts (bound {tolerance:.2e} = "
+            f"{VERIFY_TOLERANCE[dtype_name]} x logit scale for {dtype_name}): ok")
         batch = batches[0]
         output = merged.generate(**batch, max_new_tokens=60, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -21,7 +21,7 @@ import deepred.export.convert as C
 from deepred.files import remove_stale_partials
 from deepred.quant_types import QUANT_TYPES
 
-from ..conftest import REPO
+from ..conftest import REPO, with_scaled_final_norm
 
 SCRIPT = REPO / "scripts" / "convert_to_gguf.py"
 IM_END = 151645
@@ -92,6 +92,28 @@ def test_a_wrong_conversion_cannot_hide_behind_quantisation(merged_model, tiny_m
     out = tmp_path / "deepred.gguf"
     with pytest.raises(DeepRedError, match=r"logits differ.*not written"):
         C.convert(ConvertConfig(model_path=str(merged_model), output_path=str(out), quant_type=quant_type), log=quiet)
+    assert not out.exists() and partials(tmp_path) == []
+
+
+def test_a_corruption_just_above_the_f32_bound_cannot_hide_behind_quantisation(gguf_file, merged_model, tmp_path,
+                                                                              monkeypatch):
+    """Fault injection: the converter's lossless f32 intermediate is the model's final RMSNorm weight x (1 + 3e-4)
+    away from the folder being converted (the honest f32 GGUF of the merged model, made for a folder whose norm is
+    divided by 1 + 3e-4): 3.0e-4 of the logit scale measured, 3x the f32 bound (1e-4). The q4_k_m file itself is only
+    reported, and its own rounding differs from the model by 0.54 of the logit scale here, 1,800x more; so the
+    intermediate must be held to the f32 bound before quantising, and nothing is written."""
+    honest_f32 = gguf_file(merged_model, "f32")
+    other = with_scaled_final_norm(merged_model, tmp_path / "merged-rescaled", 1 / (1 + 3e-4))
+
+    def slightly_wrong_model(source, out, outtype, config):
+        assert outtype == "f32"  # a float32 folder's lossless intermediate
+        shutil.copyfile(honest_f32, out)
+
+    monkeypatch.setattr(C, "run_converter", slightly_wrong_model)
+    out = tmp_path / "deepred.gguf"
+    with pytest.raises(DeepRedError, match=r"lossless f32 before quantising.*logits differ from the HF model by \S+ "
+                                           r"\(0\.0003 of the logit scale, bound \S+ for f32\).*not written"):
+        C.convert(ConvertConfig(model_path=str(other), output_path=str(out), quant_type="q4_k_m"), log=quiet)
     assert not out.exists() and partials(tmp_path) == []
 
 
