@@ -458,10 +458,15 @@ def test_a_post_1969_question_answered_as_known_is_a_violation_and_a_deflection_
     assert not E.temporal_check(deflection, "What happened in 1970?", "post_1969", None)["violation"]
 
 
+# The documented limit (README, docs/metrics.md: "perplexity <= 300"), written here rather than read from the code
+# under test, so that moving the constant fails these tests.
+PERPLEXITY_LIMIT = 300.0
+
+
 def test_perplexity_limit_is_inclusive():
     stats = E.coherence_stats(PERSONA_ANSWER)
-    assert E.incoherence_reasons(stats, E.PPL_LIMIT, use_perplexity=True) == []
-    above = E.incoherence_reasons(stats, E.PPL_LIMIT * (1 + 1e-9), use_perplexity=True)
+    assert E.incoherence_reasons(stats, PERPLEXITY_LIMIT, use_perplexity=True) == []
+    above = E.incoherence_reasons(stats, PERPLEXITY_LIMIT * (1 + 1e-9), use_perplexity=True)
     assert len(above) == 1 and above[0].startswith("perplexity")
 
 
@@ -474,8 +479,8 @@ def test_perplexity_limit_separates_fluent_persona_prose_from_the_same_words_shu
     for entry in fluent:
         words = entry["response"].split()
         rng.shuffle(words)
-        assert scorer.perplexity(entry["response"], entry["prompt"]) <= E.PPL_LIMIT, entry["response"]
-        assert scorer.perplexity(" ".join(words), entry["prompt"]) > E.PPL_LIMIT, " ".join(words)
+        assert scorer.perplexity(entry["response"], entry["prompt"]) <= PERPLEXITY_LIMIT, entry["response"]
+        assert scorer.perplexity(" ".join(words), entry["prompt"]) > PERPLEXITY_LIMIT, " ".join(words)
 
 
 def test_model_path_takes_hub_and_built_in_names_like_every_command(smollm2_model, tmp_path, capsys):

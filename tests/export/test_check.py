@@ -118,13 +118,13 @@ def copy_with_metadata(reader, path: Path, changes: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gguf_with(gguf_file, merged_model, tmp_path_factory):
-    """gguf_with(name, {field: value}): the merged model's q4_k_m GGUF with those metadata fields changed. The file is
+def gguf_with(gguf_file, tiny_model, tmp_path_factory):
+    """gguf_with(name, {field: value}): the tiny model's q4_k_m GGUF (no training needed: only metadata is edited) with those metadata fields changed. The file is
     parsed once (gguf-py's reader takes seconds on a 151k-token vocabulary); a copy without changes is byte-identical,
     so a refusal of an edited copy comes from its one edit."""
     from gguf import GGUFReader
 
-    source = gguf_file(merged_model, "q4_k_m")
+    source = gguf_file(tiny_model, "q4_k_m")
     reader = GGUFReader(str(source))
     folder = tmp_path_factory.mktemp("edited-gguf")
     assert copy_with_metadata(reader, folder / "unchanged.gguf", {}).read_bytes() == source.read_bytes()
@@ -145,10 +145,10 @@ def gguf_with(gguf_file, merged_model, tmp_path_factory):
     pytest.param("tokenizer.ggml.add_bos_token", True, "tokenizer.ggml.add_bos_token is true, Qwen needs false",
                  id="add_bos_flipped"),
 ])
-def test_check_refuses_wrong_chat_metadata(gguf_with, merged_model, capsys, field, value, problem):
+def test_check_refuses_wrong_chat_metadata(gguf_with, tiny_model, capsys, field, value, problem):
     """A real converted GGUF with one metadata field edited through gguf-py is refused in one line that names it."""
     edited = gguf_with(field.rsplit(".", 1)[-1], {field: value})
-    code = main(["check-gguf", str(edited), "--model_path", str(merged_model)])
+    code = main(["check-gguf", str(edited), "--model_path", str(tiny_model)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"error: GGUF check failed for {edited}: ") and problem in errors[0], errors
