@@ -8,22 +8,19 @@ on a CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import resource
 import shutil
-import signal
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .config import TrainConfig
 from .data import bundled_dataset_path
-from .errors import DeepRedError
+from .errors import DeepRedError, sigterm_as_interrupt
 from .files import write_json
 from .models.tiny import QWEN25_VOCAB_SIZE, cached_qwen25_tokenizer_dir
 from .train import train
@@ -266,20 +263,6 @@ def bench(shape: str = "tiny", profiles: tuple[str, ...] = ("reference", "fast")
     if output:
         write_json(Path(output), report)
     return report
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt while the block runs (training's own handler stops its loop cleanly and
-    the bench then stops the same way)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def summarize_profiles(results: list[BenchResult]) -> dict:

@@ -1,4 +1,11 @@
-"""The one exception type a user should ever see: a single line that says what is wrong and what to do."""
+"""The one exception type a user should ever see: a single line that says what is wrong and what to do; and SIGTERM
+made to stop a command as Ctrl-C does."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator
 
 
 class DeepRedError(Exception):
@@ -21,3 +28,22 @@ class DatasetNotFoundError(DeepRedError):
     """The dataset the user named (by --dataset or $GUTENBERG_DATA) is not there; nothing else is used instead."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`, `timeout`) raises KeyboardInterrupt while the block runs, so the command stops as
+    Ctrl-C stops it: outputs cleaned up, locks released, how to resume printed. Training installs its own graceful
+    handler for both while it runs. Outside the main thread signals are left alone."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,14 +3,12 @@ when they changed, resumed when interrupted; the run's model cards once it ends 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 from pathlib import Path
 
 from ..config import STAGES, RunConfig
 from ..data import resolve_dataset
-from ..errors import DeepRedError
+from ..errors import DeepRedError, sigterm_as_interrupt
 from ..files import LOCK, folder_lock, read_json, refuse_output_over_inputs
 from ..models.registry import is_builtin
 from ..pairs_data import load_pairs_for_training
@@ -51,7 +49,7 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     if cfg.preference != "none" and cfg.pairs:  # and pairs that are malformed or ask an evaluation prompt
         report, _ = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, lambda *a: None)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)
-    with folder_lock(run_dir, "--output_dir", log), _sigterm_as_interrupt():  # a second run is refused here
+    with folder_lock(run_dir, "--output_dir", log), sigterm_as_interrupt():  # a second run is refused here
         _refuse_foreign_files(cfg, run_dir)
         run = Run(cfg, run_dir, Manifest.load(run_dir), log)
         try:
@@ -64,24 +62,6 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
             write_run_cards(run)  # once: what this invocation made or kept, figures included once it evaluated
         _print_summary(run)
     return run
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler, `kill`) stops a run as Ctrl-C does: outputs cleaned up, lock released, the resume
-    command printed. Training installs its own graceful handler for both while it runs."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_stages(run: Run, forced_from: int) -> None:
