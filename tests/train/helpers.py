@@ -67,11 +67,16 @@ def assert_same(a, b):
     assert max((x - y).abs().max().item() for x, y in zip(grads_a, grads_b)) < GRAD_ABS
 
 
-class PassSizes:
-    """Records the tokens of every training forward pass (a hook on the input embeddings)."""
+class InputShapes:
+    """Records the shape of every training forward pass's input ids (a hook on the input embeddings)."""
 
-    def __init__(self, sizes: list[int]):
-        self.sizes = sizes
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+
+    @property
+    def sizes(self) -> list[int]:
+        """The tokens of each pass."""
+        return [math.prod(shape) for shape in self.shapes]
 
     def __getattr__(self, name):  # the other TrainerCallback events: nothing to do
         if name.startswith("on_"):
@@ -80,7 +85,7 @@ class PassSizes:
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.get_input_embeddings().register_forward_hook(
-            lambda module, inputs, output: self.sizes.append(inputs[0].numel()) if module.training else None)
+            lambda module, inputs, output: self.shapes.append(tuple(inputs[0].shape)) if module.training else None)
 
 
 def saved_activation_bytes(trainer, batch: dict) -> int:

@@ -21,7 +21,7 @@ from deepred.train.plan import plan_batches
 from deepred.train.trainer import build_trainer
 
 from ..conftest import DATA
-from .helpers import PassSizes, assert_same, first_batch, loss_and_grads, saved_activation_bytes
+from .helpers import InputShapes, assert_same, first_batch, loss_and_grads, saved_activation_bytes
 
 
 def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(packed_and_padded):
@@ -101,9 +101,9 @@ def test_a_run_cut_to_a_token_budget_is_the_uncut_run(tiny_model, tmp_path):
                           max_steps=3, batch_size=4, gradient_accumulation_steps=1, val_split=0, lora_r=4,
                           lora_alpha=8, lora_dropout=0, learning_rate=1e-2, logging_steps=1, save_steps=100,
                           precision="fp32", max_tokens_per_pass=budget)
-        passes = []
-        train(cfg, log=lambda *a, **k: None, callbacks=(PassSizes(passes),))
-        sizes[name] = passes
+        passes = InputShapes()
+        train(cfg, log=lambda *a, **k: None, callbacks=(passes,))
+        sizes[name] = passes.sizes
         state = json.loads((tmp_path / name / "checkpoint-3" / "trainer_state.json").read_text())
         losses[name] = [h["loss"] for h in state["log_history"] if "loss" in h]
         run_config = json.loads((tmp_path / name / "run_config.json").read_text())

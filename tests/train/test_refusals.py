@@ -13,6 +13,7 @@ from deepred.config import TrainConfig
 from deepred.train import train
 
 from ..conftest import DATA
+from .helpers import InputShapes
 
 QUICK = ["--max_steps", "1", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--val_split", "0",
          "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "100"]
@@ -108,28 +109,12 @@ def recurrent_model(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-class BatchShapes:
-    """Records the shape of every training forward pass's input ids (a hook on the input embeddings)."""
-
-    def __init__(self):
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __getattr__(self, name):  # the other TrainerCallback events: nothing to do
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model.get_input_embeddings().register_forward_hook(
-            lambda module, inputs, output: self.shapes.append(tuple(inputs[0].shape)) if module.training else None)
-
-
 def test_a_model_that_cannot_keep_packed_examples_apart_trains_on_padded_batches(recurrent_model, tmp_path):
     """--max_tokens_per_pass asks for padding-free batches (one row per micro-batch); RWKV cannot keep the examples
     of that row apart, so training says so and pads instead: two rows per micro-batch of two, in the recorded plan
     and in what the model is fed. (The default attention, auto, lets transformers pick eager for RWKV.)"""
     said: list[str] = []
-    shapes = BatchShapes()
+    shapes = InputShapes()
     out = tmp_path / "run"
     cfg = TrainConfig(base_model=str(recurrent_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(out),
                       max_steps=2, batch_size=2, gradient_accumulation_steps=1, val_split=0, lora_r=4, lora_alpha=8,
