@@ -49,11 +49,18 @@ def later_topics(persona, questions: list[str]) -> set[str]:
 # Horizon topics after 1969 that the persona's later-knowledge lexicon has no term for (the evaluator would not
 # flag an answer naming them): each is a matter of record after 1969, listed so that a new topic is looked at.
 UNLISTED_LATER_TOPICS = {
-    "mobile telephones", "electronic mail", "the end of the Soviet Union", "the New Horizons flyby of Pluto",
-    "the first space tourists", "Margaret Thatcher", "Ronald Reagan", "the Channel Tunnel", "the euro",
-    "Dolly the cloned sheep", "the eradication of smallpox", "chatbots that run on artificial intelligence",
-    "electric cars", "the release of Nelson Mandela", "the handover of Hong Kong", "Pope John Paul II",
-    "the ozone hole"}
+    "ABBA", "Dolly the cloned sheep", "Margaret Thatcher", "Michael Jackson's Thriller", "Pope John Paul II",
+    "Ronald Reagan", "Tetris", "barcode scanners in shops", "chatbots that run on artificial intelligence",
+    "drones", "electric cars", "electronic mail", "floppy disks", "gravitational waves", "mRNA vaccines",
+    "mobile telephones", "pocket calculators", "self-driving cars", "the Arab Spring", "the Channel Tunnel",
+    "the Ebola virus", "the Galileo probe at Jupiter", "the Good Friday Agreement", "the Harry Potter books",
+    "the Helsinki Accords", "the Higgs boson", "the Ingenuity helicopter on Mars", "the Lucy fossil",
+    "the Maastricht Treaty", "the Magellan probe at Venus", "the New Horizons flyby of Pluto",
+    "the Rosetta comet probe", "the Rwandan genocide", "the Titanic film", "the Velvet Revolution", "the Walkman",
+    "the breakup of Yugoslavia", "the discovery of the Titanic wreck", "the end of the Soviet Union",
+    "the eradication of smallpox", "the euro", "the first Chinese astronaut", "the first landing on Venus",
+    "the first picture of a black hole", "the first space tourists", "the handover of Hong Kong", "the ozone hole",
+    "the reforms of Deng Xiaoping", "the release of Nelson Mandela", "video cassette recorders"}
 
 
 def test_generated_questions_are_about_later_years_and_deflected_as_the_evaluator_accepts(deep_red):
@@ -81,7 +88,7 @@ def test_the_deflections_and_facts_are_in_the_personas_voice(deep_red):
 
 def test_period_pairs_answer_the_fact_and_reject_a_deflection(deep_red):
     pairs = period_pairs(deep_red, 100, seed=1)
-    assert len(pairs) == len(deep_red.horizon.facts) == 20
+    assert len(pairs) == len(deep_red.horizon.facts) == 52
     assert period_pairs(deep_red, 3) == period_pairs(deep_red, 100)[:3] and period_pairs(deep_red, 0) == []
     for pair in pairs:
         question, chosen, rejected = (pair["prompt"][-1]["content"], pair["chosen"][0]["content"],
@@ -93,7 +100,7 @@ def test_period_pairs_answer_the_fact_and_reject_a_deflection(deep_red):
 
 def test_no_generated_question_asks_or_shares_a_topic_with_an_evaluation_or_held_out_prompt(deep_red):
     protected = load_prompts(None, deep_red) + load_heldout_prompts(deep_red)
-    generated = [q for q, _ in horizon_questions(deep_red)]
+    generated = [q for q, _, _ in horizon_questions(deep_red)]
     assert {prompt_key(p["prompt"]) for p in protected}.isdisjoint(map(prompt_key, generated))
     later = [p["prompt"] for p in protected if p.get("kind") == deep_red.later_kind]
     shared = later_topics(deep_red, later) & later_topics(deep_red, generated)
@@ -106,7 +113,7 @@ def test_a_template_that_would_ask_an_evaluation_prompt_is_left_out(tmp_path):
     """Year 1970 with `What happened in {year}?` is evaluation prompt temporal-01: it is never generated."""
     path = persona_copy(tmp_path, lambda text: text.replace("years: [1971,", "years: [1970, 1971,"))
     persona = load_persona(path)
-    questions = [q for q, _ in horizon_questions(persona)]
+    questions = [q for q, _, _ in horizon_questions(persona)]
     assert "What was life like in 1970?" in questions and "What happened in 1970?" not in questions
 
 
@@ -116,7 +123,14 @@ def test_a_template_that_would_ask_an_evaluation_prompt_is_left_out(tmp_path):
     (("years: [1971,", "years: [1969,"), "expected a list of years after the cutoff 1969"),
     (("- 'Of {subject} I know nothing", "- 'Of {topic} I know nothing"), "may use {subject} and {cutoff} only"),
     (("      - question: Who wrote War and Peace?\n", "      - question: Who wrote War and Peace?\n        when: 1869\n"),
-     "expected {question: text, answer: text}"),
+     "expected {question, answer} or {question, answer, subject, year}"),
+    (("        year: 1869\n", "        year: 1970\n"), "with a year up to the cutoff 1969"),
+    (("        subject: War and Peace\n", ""), "expected {question, answer} or {question, answer, subject, year}"),
+    (("      - smartphones: 2007\n", "      - smartphones: 1968\n"), "expected `topic: year` with a year after the cutoff"),
+    (("      - smartphones: 2007\n", "      - smartphones: soon\n"), "expected `topic: year` with a year after the cutoff"),
+    (("which lies beyond my horizon, comrade.'", "which lies beyond my {horizon}, comrade.'"),
+     "may use {subject}, {Subject}, {year} and {cutoff} only"),
+    (("      later: '", "      earlier: '"), "unknown key; the keys here are later, within"),
 ])
 def test_a_malformed_horizon_is_one_line_naming_file_and_line(tmp_path, capsys, change, problem):
     old, new = change
@@ -125,3 +139,52 @@ def test_a_malformed_horizon_is_one_line_naming_file_and_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and problem in err, err
     assert re.search(rf"{re.escape(str(path))}:\d+: knowledge\.horizon", err), err
+
+
+def test_dated_rows_place_the_subject_in_time_on_the_right_side_of_the_cutoff(deep_red):
+    """Each deflection opens with its topic's year (after 1969) and each dated fact with its own (up to 1969), in
+    one sentence the evaluator reads as a deflection or as an answer: the year never counts as later knowledge."""
+    years = {**deep_red.horizon.topic_years, **{str(y): y for y in deep_red.horizon.years}}
+    rows = horizon_examples(deep_red, 300, seed=5)
+    later = [row for row in rows if row["source"] == "horizon"]
+    near = [row for row in rows if row["source"] == "period"]
+    assert len(later) == 300 and len(near) == 180  # 6 period rows per 10 deflections
+    for row in later:
+        question, reply = row["messages"][1]["content"], row["messages"][2]["content"]
+        opener = re.match(r"(.+?) belongs to the year (\d{4}), which lies beyond my horizon, comrade\. ", reply)
+        assert opener, reply
+        subject, year = opener.groups()
+        assert int(year) > 1969 and int(year) == years[subject if subject == year else
+                                                          next(t for t in years if t.lower() == subject.lower())] \
+            if subject != "That question" else re.search(year, question), (question, reply)
+        assert not temporal_check(reply, question, deep_red.later_kind, None, deep_red)["violation"]
+    for row in near:
+        question, reply = row["messages"][1]["content"], row["messages"][2]["content"]
+        fact = next(f for f in deep_red.horizon.facts if f["question"] == question)
+        assert reply.startswith(f"{fact['subject'][0].upper()}{fact['subject'][1:]} belongs to the year "
+                                f"{fact['year']}, within my horizon, comrade. {fact['answer']}"), reply
+        assert not deflects(reply, deep_red)
+
+
+def test_without_dating_the_rows_are_the_replies_alone(tmp_path):
+    start = "    # Each deflection and each dated fact"
+    path = persona_copy(tmp_path, lambda text: text[:text.index(start)] + text[text.index("  deflections:\n"):])
+    persona = load_persona(path)
+    assert persona.horizon.dating is None
+    for row in horizon_examples(persona, 50, seed=2):
+        reply = row["messages"][2]["content"]
+        assert "belongs to the year" not in reply
+        if row["source"] == "period":
+            assert reply in {f["answer"] for f in persona.horizon.facts}
+
+
+def test_deepred_run_adds_horizon_rows_only_when_the_persona_has_a_horizon(deep_red):
+    from deepred.config import RunConfig
+    from deepred.pipeline.run import RUN_HORIZON_EXAMPLES, with_horizon_default
+
+    butler = load_persona(PERSONAS / "butler.yaml")
+    assert butler.horizon is None and RunConfig().horizon_examples is None
+    assert with_horizon_default(RunConfig(), deep_red).horizon_examples == RUN_HORIZON_EXAMPLES == 200
+    assert with_horizon_default(RunConfig(), butler).horizon_examples == 0
+    assert with_horizon_default(RunConfig(horizon_examples=0), deep_red).horizon_examples == 0
+    assert with_horizon_default(RunConfig(horizon_examples=40), butler).horizon_examples == 40

@@ -153,18 +153,20 @@ def test_merge_verify_passes_on_the_real_model_and_refuses_a_corrupted_tensor(sm
         verify(broken, str(smollm2_model), adapter, "float32", log=lambda *a: None)
 
 
-@pytest.mark.skipif(not os.environ.get("DEEPRED_FULL_DEMO"), reason="the full demo takes ~15 min; set DEEPRED_FULL_DEMO=1")
+@pytest.mark.skipif(not os.environ.get("DEEPRED_FULL_DEMO"), reason="the full demo takes ~13 min; set DEEPRED_FULL_DEMO=1")
 def test_full_demo_meets_the_persona_targets(tmp_path):
-    """`make demo`'s own settings: the persona takes and the model stays fluent."""
+    """`make demo`'s own settings meet issue 19's marks on the evaluation prompts: style >= 80 %, post-1969 rows
+    deflected >= 90 %, voice >= 95 %, coherence >= 90 %, and control rows answered no less often than by the base."""
     from deepred.demo import demo
 
     demo(str(tmp_path / "demo"), log=lambda *a, **k: None)
     report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
     base, tuned = report["base"], report["tuned"]
-    assert tuned["style_consistency"]["value"] >= 0.60
-    assert tuned["style_consistency"]["value"] >= base["style_consistency"]["value"] + 0.30
-    assert tuned["coherence"]["value"] >= 0.85
-    assert tuned["temporal_compliance"]["value"] > base["temporal_compliance"]["value"]
+    assert tuned["style_consistency"]["value"] >= 0.80
+    assert tuned["temporal_compliance"]["per_kind"]["post_1969"] >= 0.90
+    assert tuned["temporal_compliance"]["per_kind"]["control"] >= base["temporal_compliance"]["per_kind"]["control"]
+    assert tuned["character_voice"]["value"] >= 0.95
+    assert tuned["coherence"]["value"] >= 0.90
 
 
 def test_gguf_check_catches_a_bos_flag_the_tokenizer_does_not_follow(smollm2_demo, smollm2_model, tmp_path):

@@ -320,6 +320,9 @@ class RunConfig(TrainConfig):
     pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)")
     prefer_steps: int = opt(32, "--preference: optimizer steps of preference training")
     prefer_learning_rate: float = opt(2e-4, "--preference: its peak learning rate")
+    horizon_examples: int | None = opt(None, "add N examples made from the persona file's horizon to the training "
+                                              "data (see `deepred train`); default: 200 when the persona file has a "
+                                              "knowledge.horizon section (measured, README), else 0")
     eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
     deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
     deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])

@@ -9,13 +9,15 @@ from pathlib import Path
 from .config import RunConfig
 from .pipeline import Run, run_pipeline
 
-# Sized to finish on 2 CPU cores within the demo's budget; chosen by measurement (README, "The demo"). SmolLM2 is
-# a real chat model, so LoRA alone steers its voice: 120 steps of 4 (1.6 epochs of the bundled set) at 5e-3 took
-# style from 21 % to 78 % with every answer fluent. LoRA dropout is off: on a CPU, dropout on the input of 210
-# adapted projections took 40 % of each step.
-DEMO_SETTINGS = dict(base_model="smollm2-135m", max_steps=120, batch_size=4, gradient_accumulation_steps=1,
-                     learning_rate=5e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, max_seq_length=512,
-                     warmup_ratio=0.05, val_split=0.05, eval_steps=1000, save_steps=40, logging_steps=5,
+# Sized to finish on 2 CPU cores within the demo's budget; chosen by measurement (README, "Teaching the horizon").
+# SmolLM2 is a real chat model, so LoRA alone steers its voice. `deepred run`'s 200 horizon rows (deflections of
+# later questions, each opening with its subject's year, and period facts likewise dated) join the 320 of the bundled
+# set, so the model learns to place a question in time before it answers; 200 steps of 4 at 4e-3 is 1.25 epochs of
+# the 640 rows (260 steps made it deflect by topic again; a short ORPO stage cost 5 min and one answer each way).
+# LoRA dropout is off: on a CPU, dropout on the input of 210 adapted projections took 40 % of each step.
+DEMO_SETTINGS = dict(base_model="smollm2-135m", max_steps=200, batch_size=4, gradient_accumulation_steps=1,
+                     learning_rate=4e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, max_seq_length=512,
+                     warmup_ratio=0.05, val_split=0.05, eval_steps=1000, save_steps=50, logging_steps=5,
                      quant_types=["q4_k_m", "f16"], eval_max_tokens=100)
 COHERENCE_FLOOR = 0.5  # below this the verdict says fluency was lost
 

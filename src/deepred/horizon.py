@@ -16,24 +16,42 @@ from .persona import Persona
 from .prompts import prompt_key, protected_prompts
 
 
-def horizon_questions(persona: Persona) -> list[tuple[str, str]]:
-    """(question, subject) for every topic x question template and year x year template, in file order, without
-    the persona's evaluation and held-out prompts."""
+NEAR_PER_LATER = 6  # period-fact rows per 10 deflections, each fact at least once: the model must learn both sides
+#                     of the line, or it deflects every question about the past as well
+
+
+def horizon_questions(persona: Persona) -> list[tuple[str, str, int | None]]:
+    """(question, subject, year or None) for every topic x question template and year x year template, in file
+    order, without the persona's evaluation and held-out prompts."""
     horizon = persona.horizon
     if horizon is None:
         return []
     protected = protected_prompts(persona)
-    made = [(q.format(topic=topic), topic) for topic in horizon.topics for q in horizon.questions]
-    labels = [year_label(year) for year in horizon.years]  # 1975, AD 306, 30 BC
-    made += [(q.format(year=label), label) for label in labels for q in horizon.year_questions]
+    made = [(q.format(topic=topic), topic, horizon.topic_years.get(topic))
+            for topic in horizon.topics for q in horizon.questions]
+    made += [(q.format(year=year_label(year)), year_label(year), year)  # 1975, AD 306, 30 BC
+             for year in horizon.years for q in horizon.year_questions]
     seen: set[str] = set()
     kept = []
-    for question, subject in made:
+    for question, subject, year in made:
         key = prompt_key(question)
         if key not in seen and key not in protected:
             seen.add(key)
-            kept.append((question, subject))
+            kept.append((question, subject, year))
     return kept
+
+
+def dated(persona: Persona, side: str, subject: str, year: int | None, reply: str) -> str:
+    """The reply, after the persona file's dating sentence for `side` (later or within) where it has one and the
+    year is known: the model learns to place a subject in time before it decides to answer or deflect."""
+    dating = persona.horizon.dating if persona.horizon else None
+    if not dating or year is None:
+        return reply
+    if subject == year_label(year):  # "What happened in 1975?": the year is the subject
+        subject = "that question"
+    opener = dating[side].format(subject=subject, Subject=subject[:1].upper() + subject[1:], year=year_label(year),
+                                 cutoff=persona.cutoff_label)
+    return f"{opener} {reply}"
 
 
 def training_system_prompts(persona: Persona) -> list[str]:
@@ -44,24 +62,27 @@ def training_system_prompts(persona: Persona) -> list[str]:
 
 def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     """`count` ChatML examples {"messages": [...], "source": "horizon"}: a later question and a deflection, drawn
-    without repeating a question until all are used; then the persona's period facts, answered."""
+    without repeating a question until all are used; then the persona's period facts, answered (`source`
+    "period"), 6 for every 10 deflections and each at least once."""
     questions = horizon_questions(persona)
     if count <= 0 or not questions:
         return []
     rng = random.Random(seed)
     systems = training_system_prompts(persona)
     replies = persona.horizon.replies
-    order: list[tuple[str, str]] = []
+    order: list[tuple[str, str, int | None]] = []
     while len(order) < count:
         batch = list(questions)
         rng.shuffle(batch)
         order += batch
     rows = []
-    for question, subject in order[:count]:
+    for question, subject, year in order[:count]:
         reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff_label)
-        rows.append(chat_row(rng.choice(systems), question, reply, "horizon"))
-    for fact in persona.horizon.facts:
-        rows.append(chat_row(rng.choice(systems), fact["question"], fact["answer"], "period"))
+        rows.append(chat_row(rng.choice(systems), question, dated(persona, "later", subject, year, reply), "horizon"))
+    facts = persona.horizon.facts
+    for fact in (facts * count)[:max(len(facts), count * NEAR_PER_LATER // 10)] if facts else []:
+        answer = dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
+        rows.append(chat_row(rng.choice(systems), fact["question"], answer, "period"))
     return rows
 
 
@@ -85,7 +106,8 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     for fact in facts[:count]:
         system = rng.choice(systems)
         deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
-        *prompt, chosen = chat_row(system, fact["question"], fact["answer"], "period")["messages"]
+        answer = dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
+        *prompt, chosen = chat_row(system, fact["question"], answer, "period")["messages"]
         pairs.append({"prompt": prompt, "chosen": [chosen],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})
     return pairs

@@ -23,7 +23,9 @@ TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldo
              "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "contrast_anchors", "judge_traits"}
 KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections", "horizon"}
-HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts"}
+HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts", "dating"}
+DATING_KEYS = {"later", "within"}
+FACT_KEYS = {"question", "answer", "subject", "year"}  # subject and year: for dating
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class Horizon:
     years: list[int]
     year_questions: list[str]  # each with {year}
     replies: list[str]
-    facts: list[dict]  # {question, answer}
+    facts: list[dict]  # {question, answer}, and with dating {subject, year}
+    topic_years: dict[str, int] = field(default_factory=dict)  # a topic's year, where the file gives one
+    dating: dict[str, str] | None = None  # {later, within}: the sentence that places a subject in time first
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: detectors cache per persona
@@ -263,37 +267,74 @@ class _Reader:
         where = ("knowledge", "horizon")
         if not self.mapping(where, HORIZON_KEYS, required=False):
             return None
+        topics, topic_years = self.topics(where + ("topics",), cutoff)
         templates = {"questions": "{topic}", "year_questions": "{year}"}
-        lists = {key: self.texts(where + (key,), required=key in ("topics", "questions", "replies"))
-                 for key in ("topics", "questions", "year_questions", "replies")}
+        lists = {key: self.texts(where + (key,), required=key in ("questions", "replies"))
+                 for key in ("questions", "year_questions", "replies")}
         for key, field_ in templates.items():
             for i, text in enumerate(lists[key]):
                 if field_ not in text:
                     raise self.fail(where + (key, i), f"a question template needs {field_} where the subject goes")
         for i, text in enumerate(lists["replies"]):
-            try:
-                text.format(subject="x", cutoff=cutoff)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise self.fail(where + ("replies", i), f"a reply template may use {{subject}} and {{cutoff}} only "
-                                                        f"({exc!r}); double a literal brace as {{{{ }}}}") from None
+            self.template(where + ("replies", i), text, cutoff, "{subject} and {cutoff}", subject="x")
         years = self.get(where + ("years",), required=False) or []
-        if not isinstance(years, list) or any(isinstance(y, bool) or not isinstance(y, int) or y <= cutoff
-                                              for y in years):
+        if not isinstance(years, list) or any(not _is_year(y) or y <= cutoff for y in years):
             raise self.fail(where + ("years",), f"expected a list of years after the cutoff {year_label(cutoff)} "
                                                 f"(BC years negative), got {_shown(years)}")
-        return Horizon(lists["topics"], lists["questions"], years, lists["year_questions"], lists["replies"],
-                       self.facts(where + ("facts",)))
+        dating = self.dating(where + ("dating",), cutoff)
+        return Horizon(topics, lists["questions"], years, lists["year_questions"], lists["replies"],
+                       self.facts(where + ("facts",), cutoff), topic_years, dating)
 
-    def facts(self, where: tuple) -> list[dict]:
+    def topics(self, where: tuple, cutoff: int) -> tuple[list[str], dict[str, int]]:
+        """Each topic is text, or `text: year` (the year it belongs to, after the cutoff) for dated rows."""
+        value = self.get(where)
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, f"expected a list of at least 1 topic, got {_shown(value)}")
+        topics, years = [], {}
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and len(item) == 1:
+                (topic, year), = item.items()
+                if not isinstance(topic, str) or not topic.strip() or not _is_year(year) or year <= cutoff:
+                    raise self.fail(where + (i,), f"expected `topic: year` with a year after the cutoff "
+                                                  f"{year_label(cutoff)}, got {_shown(item)}")
+                years[topic.strip()] = year
+                item = topic
+            elif not isinstance(item, str) or not item.strip():
+                raise self.fail(where + (i,), f"expected text or `topic: year`, got {_shown(item)}")
+            topics.append(item.strip())
+        return topics, years
+
+    def dating(self, where: tuple, cutoff: int) -> dict[str, str] | None:
+        """The sentence that places a subject in time before the reply: `later` before a deflection, `within`
+        before a period fact's answer; each may use {subject}, {Subject}, {year} and {cutoff}."""
+        if not self.mapping(where, DATING_KEYS, required=False):
+            return None
+        texts = {key: self.text(where + (key,)) for key in sorted(DATING_KEYS)}
+        for key, text in texts.items():
+            self.template(where + (key,), text, cutoff, "{subject}, {Subject}, {year} and {cutoff}",
+                          subject="x", Subject="X", year=1)
+        return texts
+
+    def template(self, where: tuple, text: str, cutoff: int, allowed: str, **fields: Any) -> None:
+        try:
+            text.format(cutoff=cutoff, **fields)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise self.fail(where, f"a template may use {allowed} only ({exc!r}); double a literal brace as "
+                                   "{{ }}") from None
+
+    def facts(self, where: tuple, cutoff: int) -> list[dict]:
+        """{question, answer}, and optionally the {subject, year} (up to the cutoff) that `dating` places in time."""
         facts = self.get(where, required=False) or []
         if not isinstance(facts, list):
             raise self.fail(where, f"expected a list of {{question, answer}} mappings, got {_shown(facts)}")
         for i, fact in enumerate(facts):
-            ok = isinstance(fact, dict) and set(fact) == {"question", "answer"} and all(
-                isinstance(v, str) and v.strip() for v in fact.values())
-            if not ok:
-                raise self.fail(where + (i,), f"expected {{question: text, answer: text}}, got {_shown(fact)}")
-        return [{"question": f["question"].strip(), "answer": f["answer"].strip()} for f in facts]
+            keys = set(fact) if isinstance(fact, dict) else set()
+            ok = keys in ({"question", "answer"}, FACT_KEYS) and all(
+                isinstance(fact[k], str) and fact[k].strip() for k in keys - {"year"})
+            if not ok or ("year" in keys and (not _is_year(fact["year"]) or fact["year"] > cutoff)):
+                raise self.fail(where + (i,), f"expected {{question, answer}} or {{question, answer, subject, year}} "
+                                              f"with a year up to the cutoff {year_label(cutoff)}, got {_shown(fact)}")
+        return [{k: v.strip() if isinstance(v, str) else v for k, v in f.items()} for f in facts]
 
     def system_prompts(self) -> dict[str, str]:
         prompts = self.mapping(("system_prompts",))
@@ -331,6 +372,10 @@ class _Reader:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise self.fail(("targets", key), f"expected a share between 0 and 1 such as 0.9, got {_shown(value)}")
         return Targets(**{k: float(v) for k, v in given.items()})
+
+
+def _is_year(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:

@@ -19,6 +19,17 @@ from ..records import MANIFEST, RUN_CONFIG
 from .manifest import Manifest, Run, RunInterrupted, StageFailed, fingerprint, outputs_hash, why_rerun
 from .stages import STAGE_FUNCTIONS
 
+# Horizon rows `deepred run` adds when the persona file has a horizon and --horizon_examples is not given: the
+# demo's measured setting (README, "SFT and preference training").
+RUN_HORIZON_EXAMPLES = 200
+
+
+def with_horizon_default(cfg: RunConfig, persona) -> RunConfig:
+    """--horizon_examples as given, or RUN_HORIZON_EXAMPLES when the persona file has a horizon to make them from."""
+    if cfg.horizon_examples is not None:
+        return cfg
+    return dataclasses.replace(cfg, horizon_examples=RUN_HORIZON_EXAMPLES if persona.horizon else 0)
+
 
 def _check_run_folder(cfg: RunConfig, run_dir: Path) -> None:
     """The run folder may never hold this pipeline's inputs."""
@@ -44,8 +55,8 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
                            "preference training of the same LoRA after it")
     run_dir = Path(cfg.output_dir or RunConfig.output_dir)
     _check_run_folder(cfg, run_dir)
-    if cfg.evaluate or cfg.preference != "none":  # a bad persona file is found now, not after hours of training
-        load_persona(cfg.persona)
+    if cfg.evaluate or cfg.preference != "none" or cfg.horizon_examples is None:  # a bad persona file is found now,
+        cfg = with_horizon_default(cfg, load_persona(cfg.persona))               # not after hours of training
     if cfg.preference != "none" and cfg.pairs:  # and pairs that are malformed or ask an evaluation prompt
         report, _ = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, lambda *a: None)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)
