@@ -144,7 +144,7 @@ def test_a_malformed_horizon_is_one_line_naming_file_and_line(tmp_path, capsys, 
 def test_dated_rows_place_the_subject_in_time_on_the_right_side_of_the_cutoff(deep_red):
     """Each deflection opens with its topic's year (after 1969) and each dated fact with its own (up to 1969), in
     one sentence the evaluator reads as a deflection or as an answer: the year never counts as later knowledge."""
-    years = {**deep_red.horizon.topic_years, **{str(y): y for y in deep_red.horizon.years}}
+    topic_years = {topic.lower(): year for topic, year in deep_red.horizon.topic_years.items()}
     rows = horizon_examples(deep_red, 300, seed=5)
     later = [row for row in rows if row["source"] == "horizon"]
     near = [row for row in rows if row["source"] == "period"]
@@ -154,9 +154,11 @@ def test_dated_rows_place_the_subject_in_time_on_the_right_side_of_the_cutoff(de
         opener = re.match(r"(.+?) belongs to the year (\d{4}), which lies beyond my horizon, comrade\. ", reply)
         assert opener, reply
         subject, year = opener.groups()
-        assert int(year) > 1969 and int(year) == years[subject if subject == year else
-                                                          next(t for t in years if t.lower() == subject.lower())] \
-            if subject != "That question" else re.search(year, question), (question, reply)
+        assert int(year) > 1969, reply
+        if subject == "That question":  # a year question: the year is the one it asks about
+            assert year in question, (question, reply)
+        else:
+            assert int(year) == topic_years[subject.lower()], (question, reply)
         assert not temporal_check(reply, question, deep_red.later_kind, None, deep_red)["violation"]
     for row in near:
         question, reply = row["messages"][1]["content"], row["messages"][2]["content"]

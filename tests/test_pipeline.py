@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -19,7 +18,8 @@ from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
 from deepred.gguf_file import require_complete_gguf
 from deepred.pipeline import run_pipeline
-from deepred.pipeline.run import RUN_HORIZON_EXAMPLES
+from deepred.persona import load_persona
+from deepred.pipeline.run import with_horizon_default
 from deepred.data import bundled_dataset_path
 from deepred.train.run_dir import latest_checkpoint
 
@@ -110,9 +110,8 @@ def _check_cards(run_dir, cfg: RunConfig) -> dict[str, str]:
         assert meta["base_model"] == cfg.base_model and meta["dataset_sha256"] == run_config["dataset_sha256"]
         assert "## Evaluation" not in body  # --no-evaluate
         [command] = commands(body)
-        # with the horizon rows `deepred run` resolved (the persona has a horizon), so the command repeats the run
-        resolved = dataclasses.replace(cfg, horizon_examples=RUN_HORIZON_EXAMPLES if cfg.horizon_examples is None
-                                       else cfg.horizon_examples)
+        # with the horizon rows `deepred run` resolved for the persona, so the command repeats the run
+        resolved = with_horizon_default(cfg, load_persona(cfg.persona))
         assert resolve_with_yaml(RunConfig, None, build_parser().parse_args(shlex.split(command)[1:])) == resolved
         texts[kind] = body
     assert "| `deepred.gguf` | f16 |" in texts["gguf"]

@@ -10,6 +10,7 @@ SFT trains on them beside the dataset (`--horizon_examples`), and preference pai
 from __future__ import annotations
 
 import random
+from itertools import cycle, islice
 
 from .era import year_label
 from .persona import Persona
@@ -54,6 +55,11 @@ def dated(persona: Persona, side: str, subject: str, year: int | None, reply: st
     return f"{opener} {reply}"
 
 
+def fact_answer(persona: Persona, fact: dict) -> str:
+    """A period fact's answer, dated where the fact names its subject and year."""
+    return dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
+
+
 def training_system_prompts(persona: Persona) -> list[str]:
     """The system prompts training data carries: the persona's named prompts other than the evaluation one."""
     named = [text for name, text in persona.system_prompts.items() if name != "evaluation"]
@@ -80,9 +86,8 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
         reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff_label)
         rows.append(chat_row(rng.choice(systems), question, dated(persona, "later", subject, year, reply), "horizon"))
     facts = persona.horizon.facts
-    for fact in (facts * count)[:max(len(facts), count * NEAR_PER_LATER // 10)] if facts else []:
-        answer = dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
-        rows.append(chat_row(rng.choice(systems), fact["question"], answer, "period"))
+    for fact in islice(cycle(facts), max(len(facts), count * NEAR_PER_LATER // 10)) if facts else []:
+        rows.append(chat_row(rng.choice(systems), fact["question"], fact_answer(persona, fact), "period"))
     return rows
 
 
@@ -106,8 +111,7 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     for fact in facts[:count]:
         system = rng.choice(systems)
         deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
-        answer = dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
-        *prompt, chosen = chat_row(system, fact["question"], answer, "period")["messages"]
+        *prompt, chosen = chat_row(system, fact["question"], fact_answer(persona, fact), "period")["messages"]
         pairs.append({"prompt": prompt, "chosen": [chosen],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})
     return pairs
