@@ -5,6 +5,7 @@ Ctrl-C in `deepred run`. Each test fails if its guard is taken away."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from deepred.cli import main
+from deepred.errors import file_system_refusal
 from deepred.files import LOCK, FolderBusy, folder_lock, output_lock, partial_path, remove_stale_partials_in
 from deepred.gguf_file import is_gguf
 from deepred.records import MERGE_RECORD
@@ -159,6 +161,13 @@ def test_stale_temporaries_are_removed_in_one_line_but_never_a_live_processes(tm
 # replacing an earlier merge, killed at each moment
 
 
+def test_the_file_systems_refusals_are_one_line_and_other_os_errors_are_not_dressed_as_them():
+    full = file_system_refusal(OSError(errno.ENOSPC, "No space left on device", "/runs/deepred.gguf"))
+    assert full.startswith("No space left on device: /runs/deepred.gguf; free some disk space") and "\n" not in full
+    assert "check the path and its permissions" in file_system_refusal(PermissionError(errno.EACCES, "Permission denied"))
+    assert file_system_refusal(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")) is None
+
+
 KILL_AT = {
     # the new folder is complete and the old one set aside: killed before the new one is renamed in
     "rename-in": """
@@ -216,7 +225,9 @@ def test_a_replacement_cut_short_never_leaves_a_broken_merge(tiny_model, trained
     child = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
                            timeout=300)
     if moment == "rename-in fails":
-        assert child.returncode != 0 and "No space left on device" in child.stderr
+        assert child.returncode == 1 and child.stderr.splitlines()[-1:] == [
+            "error: No space left on device; free some disk space, then run the command again (finished work is kept)"]
+        assert "Traceback" not in child.stderr
         assert complete_merge(out) and (out / "earlier.txt").is_file()  # the earlier merge, back in place
         assert list(tmp_path.glob(".*.partial")) == []
     else:

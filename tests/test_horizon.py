@@ -13,7 +13,7 @@ import pytest
 from deepred.cli import main
 from deepred.evaluate import score_responses
 from deepred.evaluate.temporal import deflects, infer_temporal_kind, temporal_check
-from deepred.horizon import horizon_examples, horizon_questions, period_pairs
+from deepred.horizon import horizon_examples, horizon_pairs, horizon_questions, period_pairs
 from deepred.persona import load_persona
 from deepred.prompts import load_heldout_prompts, load_prompts, prompt_key
 
@@ -86,15 +86,29 @@ def test_the_deflections_and_facts_are_in_the_personas_voice(deep_red):
         (entry["response"][:60], entry["style_score"]) for entry in scored if not entry["in_style"]]
 
 
+def test_horizon_pairs_are_the_sft_rows_with_the_wrong_decision_to_reject(deep_red):
+    rows = horizon_pairs(deep_red, 40, seed=4)
+    sft = [row["messages"] for row in horizon_examples(deep_red, 40, seed=4) if row["source"] == "horizon"]
+    assert [row["prompt"] + row["chosen"] for row in rows] == sft
+    for row in rows:
+        chosen, wrong = row["chosen"][0]["content"], row["wrong_side"]
+        subject, year = re.match(r"(.+) belongs to the year (\d{4}), which lies beyond my horizon", chosen).groups()
+        assert int(year) > 1969 and wrong == f"{subject} belongs to the year {year}, within my horizon, comrade."
+
+
 def test_period_pairs_answer_the_fact_and_reject_a_deflection(deep_red):
     pairs = period_pairs(deep_red, 100, seed=1)
     assert len(pairs) == len(deep_red.horizon.facts) == 52
     assert period_pairs(deep_red, 3) == period_pairs(deep_red, 100)[:3] and period_pairs(deep_red, 0) == []
+    fact_of = {fact["question"]: fact for fact in deep_red.horizon.facts}
     for pair in pairs:
         question, chosen, rejected = (pair["prompt"][-1]["content"], pair["chosen"][0]["content"],
                                       pair["rejected"][0]["content"])
         assert not temporal_check(chosen, question, "control", None, deep_red)["violation"]
         assert deflects(rejected, deep_red) and not deflects(chosen, deep_red), (chosen, rejected)
+        if "year" in fact_of[question]:  # the rejected side decides the wrong way for the fact's own year
+            assert rejected.startswith(f"{fact_of[question]['subject'][:1].upper()}{fact_of[question]['subject'][1:]} "
+                                       f"belongs to the year {fact_of[question]['year']}, which lies beyond"), rejected
         assert pair["prompt"][0]["role"] == "system" and pair["source"] == "period"
 
 

@@ -4,7 +4,9 @@ refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -46,6 +48,19 @@ def test_pairs_are_valid_cached_and_resume_where_they_stopped(tiny_model, tmp_pa
     make_pairs(cfg, log=said.append)
     assert any("5 cached, 2 to generate" in line for line in said)
     assert out.read_text() == first  # greedy answers: the resumed job writes the same pairs
+
+    # More pairs of the same job ask only the new conversations. The bundled set deflects 23 later questions of its
+    # own; past them the persona file's questions come, whose rejected answer opens by placing the subject within
+    # the horizon: the pair then differs in the decision its year calls for.
+    said.clear()
+    make_pairs(dataclasses.replace(cfg, voice=5, horizon=25), log=said.append)
+    assert any("7 cached, 23 to generate" in line for line in said), said
+    generated = [pair for pair in validate_pairs_file(out).pairs if pair["source"] == "horizon"][23:]
+    assert len(generated) == 2
+    for pair in generated:
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        year = re.match(r".* belongs to the year (\d{4}), which lies beyond my horizon", chosen).group(1)
+        assert re.match(rf".* belongs to the year {year}, within my horizon, comrade\. \S", rejected), rejected
 
 
 def _sha(path) -> str:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
-from .errors import DeepRedError
+from .errors import DeepRedError, file_system_refusal
 
 
 def _quiet_libraries() -> None:
@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None, only: str | None = None) -> int:
     except DeepRedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the disk or the file system refused: the environment, not a bug
+        refusal = file_system_refusal(exc)
+        if refusal is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,10 +10,9 @@ from pathlib import Path
 
 from .config import default_dataset
 from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
-from .files import file_sha256
+from .files import file_sha256, read_regular_file, require_regular_file
 
 ROLES = ("system", "user", "assistant")
-BOM = b"\xef\xbb\xbf"  # Windows editors write one; it is not part of the first line's JSON
 DATASET_HINT = "pass a ChatML .jsonl file"
 
 
@@ -41,41 +38,6 @@ def resolve_dataset(dataset: str | None) -> tuple[Path, str]:
         require_regular_file(Path(spec_path), DATASET_HINT)
         return Path(spec_path), "$GUTENBERG_DATA/dataset/theme_dataset.jsonl"
     return bundled_dataset_path(), ("the bundled Deep Red sample set: neither --dataset nor $GUTENBERG_DATA is set")
-
-
-def require_regular_file(path: Path, hint: str) -> None:
-    """Anything but a regular file is refused in one line, `hint` saying what to pass instead: nothing there
-    (DatasetNotFoundError), or a folder, a FIFO, a device (DeepRedError)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        what = "a symbolic link to nothing" if path.is_symlink() else "nothing is there"
-        raise DatasetNotFoundError(f"{path} is not a regular file ({what}); {hint}") from None
-    except OSError as exc:
-        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise DeepRedError(f"{path} is not a regular file (it is {_kind(mode)}); {hint}")
-
-
-def read_regular_file(path: Path, hint: str) -> bytes:
-    """The bytes of a JSONL file the user named, without a leading UTF-8 BOM. Anything but a regular file is refused
-    before it is opened (require_regular_file): reading a FIFO would wait for a writer forever."""
-    require_regular_file(path, hint)
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the check, opening it still returns at once
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise DeepRedError(f"{path} is not a regular file (it changed while being opened); {hint}")
-        return fh.read().removeprefix(BOM)
-
-
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 @dataclass

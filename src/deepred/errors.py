@@ -1,9 +1,10 @@
-"""The one exception type a user should ever see: a single line that says what is wrong and what to do; and SIGTERM
-made to stop a command as Ctrl-C does."""
+"""The one exception type a user should ever see: a single line that says what is wrong and what to do (the file
+system's own refusals said the same way); and SIGTERM made to stop a command as Ctrl-C does."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 from typing import Iterator
 
@@ -28,6 +29,22 @@ class DatasetNotFoundError(DeepRedError):
     """The dataset the user named (by --dataset or $GUTENBERG_DATA) is not there; nothing else is used instead."""
 
     exit_code = 1
+
+
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def file_system_refusal(exc: OSError) -> str | None:
+    """The file system's refusal (a full disk, a read-only folder, a permission) as one line and what to do; None
+    for other OSErrors (a refused connection is not about files). Writes are atomic and runs resumable, so running
+    the command again after the fix loses nothing."""
+    if exc.errno not in FILE_SYSTEM_ERRNOS and not exc.filename:
+        return None
+    reason = exc.strerror or str(exc)
+    where = f": {exc.filename}" if exc.filename else ""
+    advice = ("free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else "check the path and its permissions")
+    return f"{reason}{where}; {advice}, then run the command again (finished work is kept)"
 
 
 @contextlib.contextmanager

@@ -9,6 +9,9 @@ so a later write to the same name removes them.
 A process that writes a run folder or an output holds its lock (`folder_lock`, `output_lock`): a second process is
 refused in one line naming the first one's PID, a lock left by a killed process is taken over (the kernel drops an
 flock when its holder dies), and whoever takes a lock first removes what killed writers left in that folder.
+
+A file the user names is read only if it is a regular file (`read_regular_file`): a folder, a FIFO or a device is
+refused in one line, and a FIFO is never opened (reading one waits for a writer forever).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DeepRedError
+from .errors import DatasetNotFoundError, DeepRedError
+
+BOM = b"\xef\xbb\xbf"  # Windows editors write one; it is not part of the first line's JSON
 
 try:
     import fcntl
@@ -350,3 +356,38 @@ def ensure_writable_folder(folder: Path, flag: str) -> None:
             pass
     except OSError as exc:
         raise DeepRedError(f"output folder {folder} is not writable ({exc.strerror}); choose another {flag}") from exc
+
+
+def require_regular_file(path: Path, hint: str) -> None:
+    """Anything but a regular file is refused in one line, `hint` saying what to pass instead: nothing there
+    (DatasetNotFoundError), or a folder, a FIFO, a device (DeepRedError)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        what = "a symbolic link to nothing" if path.is_symlink() else "nothing is there"
+        raise DatasetNotFoundError(f"{path} is not a regular file ({what}); {hint}") from None
+    except OSError as exc:
+        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise DeepRedError(f"{path} is not a regular file (it is {_kind(mode)}); {hint}")
+
+
+def read_regular_file(path: Path, hint: str) -> bytes:
+    """The bytes of a JSONL file the user named, without a leading UTF-8 BOM. Anything but a regular file is refused
+    before it is opened (require_regular_file): reading a FIFO would wait for a writer forever."""
+    require_regular_file(path, hint)
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the check, opening it still returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DeepRedError(f"cannot read {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise DeepRedError(f"{path} is not a regular file (it changed while being opened); {hint}")
+        return fh.read().removeprefix(BOM)
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import random
 from itertools import cycle, islice
+from typing import NamedTuple
 
 from .era import year_label
 from .persona import Persona
 from .prompts import prompt_key, protected_prompts
+
+
+class LaterQuestion(NamedTuple):
+    system: str
+    question: str
+    subject: str
+    year: int | None
+    reply: str              # the deflection, before its dating sentence
 
 
 NEAR_PER_LATER = 6  # period-fact rows per 10 deflections, each fact at least once: the model must learn both sides
@@ -66,14 +75,12 @@ def training_system_prompts(persona: Persona) -> list[str]:
     return named or [persona.evaluation_system_prompt]
 
 
-def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
-    """`count` ChatML examples {"messages": [...], "source": "horizon"}: a later question and a deflection, drawn
-    without repeating a question until all are used; then the persona's period facts, answered (`source`
-    "period"), 6 for every 10 deflections and each at least once."""
+def later_questions(persona: Persona, count: int, rng: random.Random) -> list[LaterQuestion]:
+    """`count` later questions with their undated deflection, drawn without repeating a question until all are
+    used."""
     questions = horizon_questions(persona)
     if count <= 0 or not questions:
         return []
-    rng = random.Random(seed)
     systems = training_system_prompts(persona)
     replies = persona.horizon.replies
     order: list[tuple[str, str, int | None]] = []
@@ -81,13 +88,40 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
         batch = list(questions)
         rng.shuffle(batch)
         order += batch
-    rows = []
+    made = []
     for question, subject, year in order[:count]:
         reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff_label)
-        rows.append(chat_row(rng.choice(systems), question, dated(persona, "later", subject, year, reply), "horizon"))
+        made.append(LaterQuestion(rng.choice(systems), question, subject, year, reply))
+    return made
+
+
+def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
+    """`count` ChatML examples {"messages": [...], "source": "horizon"}: a later question and a dated deflection;
+    then the persona's period facts, answered (`source` "period"), 6 for every 10 deflections and each at least
+    once."""
+    rng = random.Random(seed)
+    later = later_questions(persona, count, rng)
+    if not later:
+        return []
+    rows = [chat_row(q.system, q.question, dated(persona, "later", q.subject, q.year, q.reply), "horizon")
+            for q in later]
+    systems = training_system_prompts(persona)
     facts = persona.horizon.facts
     for fact in islice(cycle(facts), max(len(facts), count * NEAR_PER_LATER // 10)) if facts else []:
         rows.append(chat_row(rng.choice(systems), fact["question"], fact_answer(persona, fact), "period"))
+    return rows
+
+
+def horizon_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
+    """`count` preference rows for later questions: the dated deflection chosen; `wrong_side` is the dating
+    sentence that places the subject within the horizon, which opens the rejected side (the base model's answer) so
+    the pair differs in the decision the year calls for, not only in the voice. Empty where the year is unknown."""
+    rows = []
+    for q in later_questions(persona, count, random.Random(seed)):
+        *prompt, chosen = chat_row(q.system, q.question, dated(persona, "later", q.subject, q.year, q.reply),
+                                   "horizon")["messages"]
+        wrong_side = dated(persona, "within", q.subject, q.year, "").strip()
+        rows.append({"prompt": prompt, "chosen": [chosen], "wrong_side": wrong_side, "source": "horizon"})
     return rows
 
 
@@ -98,7 +132,8 @@ def chat_row(system: str, question: str, reply: str, source: str) -> dict:
 
 def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     """Up to `count` preference pairs on the near side of the horizon: a period fact's question, its in-character
-    answer chosen, an in-character deflection rejected. Facts that ask an evaluation or held-out prompt are left
+    answer chosen, an in-character deflection rejected, dated beyond the horizon where the fact has a year (the
+    wrong decision for that year). Facts that ask an evaluation or held-out prompt are left
     out."""
     horizon = persona.horizon
     if horizon is None or count <= 0:
@@ -111,6 +146,7 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     for fact in facts[:count]:
         system = rng.choice(systems)
         deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
+        deflection = dated(persona, "later", fact.get("subject", ""), fact.get("year"), deflection)
         *prompt, chosen = chat_row(system, fact["question"], fact_answer(persona, fact), "period")["messages"]
         pairs.append({"prompt": prompt, "chosen": [chosen],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})

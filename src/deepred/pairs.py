@@ -4,10 +4,11 @@
   base model's own answer to the same conversation.
 - Horizon pairs: a question about what lies after the persona's cutoff (horizon.py, and the dataset's own rows
   whose reply deflects); chosen = the in-character deflection, rejected = the base model's answer, which on such
-  questions describes the event as if known.
+  questions describes the event as if known; where the persona dates its horizon, that answer opens with the
+  dating sentence that places the subject within the horizon (the wrong decision for its year).
 - Period pairs: one of the persona's period facts; chosen = its in-character answer, rejected = an in-character
-  deflection. They hold the other side of the line, so preference training does not learn to deflect everything
-  (no base-model answer needed).
+  deflection, dated beyond the horizon where the fact has a year. They hold the other side of the line, so
+  preference training does not learn to deflect everything (no base-model answer needed).
 
 The base model answers through the existing inference path: its GGUF (export.convert) served by `deepred serve`
 (serve.start_server) and asked through the OpenAI-compatible client the evaluation uses. Answers are appended to a
@@ -29,7 +30,7 @@ from .evaluate.endpoint import chat_with_retries, openai_client
 from .evaluate.temporal import deflects, infer_temporal_kind
 from .export.convert import convert
 from .files import file_sha256, hash_path, write_atomic
-from .horizon import horizon_examples, period_pairs
+from .horizon import horizon_pairs, period_pairs
 from .models.cache import cache_dir
 from .models.registry import local_model_dir
 from .persona import Persona, load_persona
@@ -37,6 +38,7 @@ from .prompts import prompt_key, protected_prompts, refuse_evaluation_prompts
 from .serve import start_server
 
 MODEL_ALIAS = "base"
+PAIRS_RECIPE = 2  # how pairs are made from their inputs; a new recipe makes `deepred run` make them again
 
 
 def candidates(cfg: PairsConfig, persona: Persona, log) -> tuple[list[dict], str]:
@@ -57,9 +59,7 @@ def candidates(cfg: PairsConfig, persona: Persona, log) -> tuple[list[dict], str
     rng.shuffle(voice)
     made = [{**row, "source": "voice"} for row in voice[:cfg.voice]]
     made += [{**row, "source": "horizon"} for row in temporal[:cfg.horizon]]
-    generated = horizon_examples(persona, max(0, cfg.horizon - len(temporal)), cfg.seed)
-    made += [{"prompt": row["messages"][:-1], "chosen": row["messages"][-1:], "source": "horizon"}
-             for row in generated if row["source"] == "horizon"]
+    made += horizon_pairs(persona, max(0, cfg.horizon - len(temporal)), cfg.seed)
     if held:
         log(f"left out {len(held)} dataset row(s) that ask one of the persona's evaluation prompts (line "
             f"{', '.join(held)}): pairs never train on the test")
@@ -73,11 +73,11 @@ def conversation_key(messages: list[dict]) -> str:
 
 
 def job_folder(cfg: PairsConfig, persona: Persona, data_hash: str) -> Path:
-    """The cache of this job: same base model, data, persona and settings, same folder."""
+    """The cache of this job: same base model, data, persona and settings, same folder. Answers are kept per
+    conversation, so asking for more pairs generates only the new ones."""
     base = Path(local_model_dir(cfg.base_model))
     identity = {"base": hash_path(base, ignore=frozenset({"README.md"})), "persona": file_sha256(persona.file),
-                "dataset": data_hash, "voice": cfg.voice, "horizon": cfg.horizon, "seed": cfg.seed, "max_tokens": cfg.max_tokens,
-                "quant_type": cfg.quant_type}
+                "dataset": data_hash, "seed": cfg.seed, "max_tokens": cfg.max_tokens, "quant_type": cfg.quant_type}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "pairs" / digest
 
@@ -113,6 +113,8 @@ def base_answers(rows: list[dict], cfg: PairsConfig, folder: Path, log) -> dict[
         convert(ConvertConfig(model_path=local_model_dir(cfg.base_model), output_path=str(gguf),
                               quant_type=cfg.quant_type, check=False), log=log)
     with start_server({MODEL_ALIAS: gguf}) as server, open(log_file, "a", encoding="utf-8") as out:
+        if log_file.stat().st_size and not log_file.read_bytes().endswith(b"\n"):
+            out.write("\n")  # a line cut by a kill ends here, or the next answer would be glued to it and lost
         client = openai_client(server.url, None, timeout=300.0)
         for row in tqdm(todo, desc="base answers", unit="prompt", dynamic_ncols=True):
             answer = chat_with_retries(client, MODEL_ALIAS, row["prompt"], max_tokens=cfg.max_tokens,
@@ -140,6 +142,8 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
         if not rejected or rejected == row["chosen"][0]["content"].strip():
             dropped += 1
             continue
+        if row.get("wrong_side"):  # the base answer, opened by the dating sentence that decides the wrong way
+            rejected = f"{row['wrong_side']} {rejected}"
         pairs.append({"prompt": row["prompt"], "chosen": row["chosen"],
                       "rejected": [{"role": "assistant", "content": rejected}], "source": row["source"]})
     output = Path(cfg.output)

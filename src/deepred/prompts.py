@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import DeepRedError
+from .files import read_regular_file
 from .persona import Persona, default_persona
 
 
@@ -25,12 +26,16 @@ def bundled_prompts_path() -> Path:
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
-    """Rows of a JSONL file; a missing file or a bad line is a one-line DeepRedError naming the line."""
+    """Rows of a JSONL file; a missing file, a folder or FIFO, text that is not UTF-8 or a bad line is a one-line
+    DeepRedError (naming the line)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DeepRedError(f"{what} file not found: {path}; check the path")
+    raw = read_regular_file(path, f"pass the {what} .jsonl file")  # a leading BOM removed
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeepRedError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} file as UTF-8") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):  # a leading BOM dropped
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -4,6 +4,7 @@ against a real local HTTP server, the judge, and --compare."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import threading
@@ -169,6 +170,21 @@ def test_bad_jsonl_line_names_the_line(tmp_path, capsys):
     bad.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r"}) + "\n{not json\n")
     assert main(["evaluate", "--responses", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_a_responses_file_that_is_no_file_or_no_text_is_named_as_such(tmp_path, capsys):
+    fifo, folder, latin1 = tmp_path / "answers.fifo", tmp_path / "answers", tmp_path / "latin1.jsonl"
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
+    folder.mkdir()
+    row = json.dumps({"id": "a", "prompt": "p", "response": "Sm\u00f6rg\u00e5s"}, ensure_ascii=False)
+    latin1.write_bytes(row.encode("latin-1"))
+    first_bad_byte = row.index("\u00f6")  # the text before it is ASCII: one byte a character
+    for path, said in [(fifo, "is not a regular file (it is a FIFO (named pipe)); pass the responses .jsonl file"),
+                       (folder, "is not a regular file (it is a directory)"),
+                       (latin1, f"latin1.jsonl: not UTF-8 text (byte {first_bad_byte}); save the responses file as UTF-8")]:
+        assert main(["evaluate", "--responses", str(path), "--output_dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
 
 
 def test_missing_source_is_a_clear_error(tmp_path, capsys):

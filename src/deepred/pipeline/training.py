@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import PairsConfig, TrainConfig, settings_with_role
 from ..data import resolve_dataset
 from ..files import file_sha256
-from ..pairs import make_pairs
+from ..pairs import PAIRS_RECIPE, make_pairs
 from ..pairs_data import load_pairs_for_training
 from ..persona import load_persona
 from ..prompts import refuse_evaluation_prompts
@@ -71,9 +71,10 @@ def pairs_inputs(run: Run) -> dict:
     if run.cfg.pairs:
         return {"pairs_file": file_sha256(run.cfg.pairs)}
     dataset, _ = resolve_dataset(run.cfg.dataset)
-    return {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model),
-            "persona": file_sha256(load_persona(run.cfg.persona).file), "voice": run.cfg.pair_voice,
-            "horizon": run.cfg.pair_horizon, "period": run.cfg.pair_period, "seed": run.cfg.seed, "quant_type": run.cfg.quant_types[0]}
+    return {"recipe": PAIRS_RECIPE, "dataset_sha256": file_sha256(dataset),
+            "base_model": model_identity(run.base_model), "persona": file_sha256(load_persona(run.cfg.persona).file),
+            "voice": run.cfg.pair_voice, "horizon": run.cfg.pair_horizon, "period": run.cfg.pair_period,
+            "seed": run.cfg.seed, "quant_type": run.cfg.quant_types[0]}
 
 
 def pairs_stage(run: Run, previous: dict) -> dict:
