@@ -133,8 +133,7 @@ def chat_row(system: str, question: str, reply: str, source: str) -> dict:
 def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     """Up to `count` preference pairs on the near side of the horizon: a period fact's question, its in-character
     answer chosen, an in-character deflection rejected, dated beyond the horizon where the fact has a year (the
-    wrong decision for that year). Facts that ask an evaluation or held-out prompt are left
-    out."""
+    wrong decision for that year). Facts that ask an evaluation or held-out prompt are left out."""
     horizon = persona.horizon
     if horizon is None or count <= 0:
         return []

@@ -113,7 +113,7 @@ def base_answers(rows: list[dict], cfg: PairsConfig, folder: Path, log) -> dict[
         convert(ConvertConfig(model_path=local_model_dir(cfg.base_model), output_path=str(gguf),
                               quant_type=cfg.quant_type, check=False), log=log)
     with start_server({MODEL_ALIAS: gguf}) as server, open(log_file, "a", encoding="utf-8") as out:
-        if log_file.stat().st_size and not log_file.read_bytes().endswith(b"\n"):
+        if ends_mid_line(log_file):
             out.write("\n")  # a line cut by a kill ends here, or the next answer would be glued to it and lost
         client = openai_client(server.url, None, timeout=300.0)
         for row in tqdm(todo, desc="base answers", unit="prompt", dynamic_ncols=True):
@@ -126,6 +126,15 @@ def base_answers(rows: list[dict], cfg: PairsConfig, folder: Path, log) -> dict[
             out.write(json.dumps({"key": row["key"], "answer": answer.response}) + "\n")
             out.flush()
     return answers
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether the file's last byte is not a newline (its last line was cut), reading that byte alone."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, 2) == 0:
+            return False
+        fh.seek(-1, 2)
+        return fh.read(1) != b"\n"
 
 
 def make_pairs(cfg: PairsConfig, log=print) -> Path:
