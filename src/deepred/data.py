@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import default_dataset
 from .errors import DatasetNotFoundError, DeepRedError, InvalidDatasetError
 from .files import file_sha256, read_regular_file, require_regular_file
+from .jsonl import numbered_lines, parse_json_object
 
 ROLES = ("system", "user", "assistant")
 DATASET_HINT = "pass a ChatML .jsonl file"
@@ -100,9 +101,7 @@ def validate_file(path: str | Path) -> DatasetReport:
     report = DatasetReport(path=path)
     raw = read_regular_file(path, DATASET_HINT)
     nonblank = 0
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        if not line_bytes.strip():
-            continue
+    for lineno, line_bytes in numbered_lines(raw):
         nonblank += 1
         line_problems = _check_line(line_bytes)
         if line_problems:
@@ -127,22 +126,6 @@ def _check_line(line_bytes: bytes) -> list[str]:
     if "messages" not in obj:
         return ['missing "messages"']
     return _check_messages(obj["messages"])
-
-
-def parse_json_object(line_bytes: bytes, shape: str) -> tuple[dict | None, list[str]]:
-    """One JSONL line as a JSON object, or the one problem that stops it being read (`shape` shows what is
-    expected, e.g. '{"messages": [...]}')."""
-    try:
-        line = line_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [f"not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"]
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return None, [f"not valid JSON ({exc.msg} at column {exc.colno})"]
-    if not isinstance(obj, dict):
-        return None, [f"expected an object like {shape}"]
-    return obj, []
 
 
 def load_for_training(dataset: str | None, skip_invalid: bool, log=print) -> tuple[DatasetReport, str]:

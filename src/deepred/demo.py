@@ -14,7 +14,7 @@ from .pipeline import Run, run_pipeline
 # later questions, each opening with its subject's year, and period facts likewise dated) join the 320 of the bundled
 # set, so the model learns to place a question in time before it answers; 200 steps of 4 at 4e-3 is 1.25 epochs of
 # the 640 rows (260 steps made it deflect by topic again; 32 ORPO steps on contrast pairs reached 80 % style
-# but cost a later answer and 6 min).
+# but lost later answers and cost 6 min).
 # LoRA dropout is off: on a CPU, dropout on the input of 210 adapted projections took 40 % of each step.
 DEMO_SETTINGS = dict(base_model="smollm2-135m", max_steps=200, batch_size=4, gradient_accumulation_steps=1,
                      learning_rate=4e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, max_seq_length=512,

@@ -17,9 +17,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import check_content, check_message, parse_json_object, read_regular_file
+from .data import check_content, check_message
 from .errors import InvalidDatasetError
-from .files import file_sha256
+from .files import file_sha256, read_regular_file
+from .jsonl import numbered_lines, parse_json_object
 
 REQUIRED = ("prompt", "chosen", "rejected")
 KEYS = (*REQUIRED, "source")
@@ -126,9 +127,7 @@ def validate_pairs_file(path: str | Path) -> PairsReport:
     report = PairsReport(path=path)
     raw = read_regular_file(path, "pass a .jsonl file of preference pairs")  # a leading BOM removed
     nonblank = 0
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        if not line_bytes.strip():
-            continue
+    for lineno, line_bytes in numbered_lines(raw):
         nonblank += 1
         obj, problems = parse_json_object(line_bytes, SHAPE)
         if not problems:

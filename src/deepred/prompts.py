@@ -12,12 +12,12 @@ alone. Any other kind would switch a rule off without a word, so it is refused w
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 from .errors import DeepRedError
 from .files import read_regular_file
+from .jsonl import numbered_lines, parse_json_object
 from .persona import Persona, default_persona
 
 
@@ -26,24 +26,15 @@ def bundled_prompts_path() -> Path:
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
-    """Rows of a JSONL file; a missing file, a folder or FIFO, text that is not UTF-8 or a bad line is a one-line
-    DeepRedError (naming the line)."""
+    """Rows of a JSONL file; a missing file, a folder or FIFO, or a line that is not UTF-8 or not a JSON object
+    is a one-line DeepRedError naming the file (and the line)."""
     path = Path(path).expanduser()
     raw = read_regular_file(path, f"pass the {what} .jsonl file")  # a leading BOM removed
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DeepRedError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} file as UTF-8") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DeepRedError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove the line") from exc
-        if not isinstance(row, dict):
-            raise DeepRedError(f"{path}:{number}: expected a JSON object per line; fix or remove the line")
+    for number, line in numbered_lines(raw):
+        row, problems = parse_json_object(line, '{"id": ..., "prompt": ...}')
+        if problems:
+            raise DeepRedError(f"{path}:{number}: {problems[0]}")
         row["_line"] = number
         rows.append(row)
     if not rows:

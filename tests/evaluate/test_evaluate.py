@@ -87,6 +87,24 @@ def test_echoed_year_in_a_deflection_is_not_a_violation():
     assert E.anachronisms("In 1975 the war ended and Saigon fell.", "What happened in 1975?")
 
 
+def test_a_deflection_that_puts_the_end_of_its_knowledge_after_the_cutoff_claims_those_years():
+    """"My knowledge ends in 1982" says the years up to 1982 are known, even when the question named 1982."""
+    copied = "Of 1982 I know nothing, comrade. My records close with the year 1982; the rest is hidden from me."
+    verdict = E.temporal_check(copied, "What happened in 1982?", "post_1969", None)
+    assert verdict["violation"] and verdict["anachronisms"] == ["1982 (said to be where its knowledge ends)"]
+    for said in ("That is beyond my board; my knowledge ends in 1970.", "It lies beyond my horizon of 1970.",
+                 "That is beyond my board; my knowledge ends with the year 1970."):
+        assert E.temporal_check(said, "Tell me about the internet.", "post_1969", None)["violation"], said
+    assert not E.temporal_check("It lies beyond my horizon of 1969.", "Tell me about the internet.", "post_1969",
+                                None)["violation"]
+    on_the_cutoff = "Of 1982 I know nothing, comrade. My records close with the year 1969; the rest is hidden."
+    assert not E.temporal_check(on_the_cutoff, "What happened in 1982?", "post_1969", None)["violation"]
+    butler = E.load_persona("butler.yaml")  # cutoff 1899: 1900 is the first later year
+    said = "I fear that lies beyond my knowledge, sir; my knowledge ends in {}."
+    assert E.anachronisms(said.format(1900), "What is a motor car?", butler)
+    assert not E.anachronisms(said.format(1899), "What is a motor car?", butler)
+
+
 def random_multilingual_tokens(seed: int, n: int = 40) -> str:
     rng = random.Random(seed)
     pieces = ["\u4e2d\u56fd", "\u5f00\u53d1", "\u043f\u0440\u0438\u0432\u0435\u0442", "\u0627\u0644\u0639\u0631\u0628",
@@ -181,7 +199,7 @@ def test_a_responses_file_that_is_no_file_or_no_text_is_named_as_such(tmp_path, 
     first_bad_byte = row.index("\u00f6")  # the text before it is ASCII: one byte a character
     for path, said in [(fifo, "is not a regular file (it is a FIFO (named pipe)); pass the responses .jsonl file"),
                        (folder, "is not a regular file (it is a directory)"),
-                       (latin1, f"latin1.jsonl: not UTF-8 text (byte {first_bad_byte}); save the responses file as UTF-8")]:
+                       (latin1, f"latin1.jsonl:1: not valid UTF-8 (byte {first_bad_byte}); re-save the file as UTF-8")]:
         assert main(["evaluate", "--responses", str(path), "--output_dir", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err

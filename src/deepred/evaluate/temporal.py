@@ -60,6 +60,13 @@ PAST_EVENT = stems(r"happened", r"occurred", r"took place", r"won\b", r"defeated
                     r"collapsed", r"opened")
 
 
+# "My knowledge ends in 1982", "beyond my horizon of 1982": where the speaker says its knowledge stops. Said of a year after the persona's cutoff,
+# the deflection itself claims the later years as known.
+STATED_LIMIT = re.compile(r"\b(?:(?:knowledge|records?|archives?|memory|data)\s+(?:ends?|ended|stops?|stopped|closes?|"
+                          r"closed|runs? out|reach(?:es)? only)\s+(?:in|with|at|to)|horizon\s+(?:of|at|in))\s+"
+                          r"(?:the\s+year\s+)?", re.IGNORECASE)
+
+
 @lru_cache(maxsize=16)
 def _by_later_year(persona: Persona) -> re.Pattern:
     """"by 1980" predicts; the years are those after the persona's cutoff."""
@@ -79,11 +86,22 @@ def looks_forward(text: str, persona: Persona) -> bool:
     return bool(FORWARD_LOOKING.search(text) or _by_later_year(persona).search(text))
 
 
+def later_limits(sentence: str, persona: Persona) -> list[str]:
+    """Later years the sentence names as the end of the speaker's knowledge ("my records close with 1977")."""
+    found = []
+    for limit in STATED_LIMIT.finditer(sentence):
+        year = persona.later_years.search(sentence, limit.start(), limit.end() + 24)
+        if year and year.start() == limit.end():
+            found.append(f"{year.group(0)} (said to be where its knowledge ends)")
+    return found
+
+
 def anachronisms(response: str, prompt: str = "", persona: Persona | None = None) -> list[str]:
     """Later knowledge shown in the answer: events, people, technology and years after the persona's cutoff.
 
     Years the prompt names, and anything inside a deflection sentence, do not count. Years in a forward-looking
-    sentence ("by 1980 the domes will stand") are prediction, not knowledge. A later term the prompt itself
+    sentence ("by 1980 the domes will stand") are prediction, not knowledge, but a deflection that puts the end of
+    its knowledge after the cutoff ("my knowledge ends in 1982") claims those years. A later term the prompt itself
     uses counts only when the answer asserts something about it (not in a question, deflection, negation of
     knowledge or hypothesis), or when an echoed year is narrated as a past event.
     """
@@ -93,6 +111,7 @@ def anachronisms(response: str, prompt: str = "", persona: Persona | None = None
     found: list[str] = []
     for sentence in sentences(response):
         if deflects(sentence, persona):
+            found += later_limits(sentence, persona)
             continue
         forward = looks_forward(sentence, persona)
         assertive = not sentence.endswith("?") and not forward and not NEGATION.search(sentence)
