@@ -105,6 +105,17 @@ def test_a_deflection_that_puts_the_end_of_its_knowledge_after_the_cutoff_claims
     assert not E.anachronisms(said.format(1899), "What is a motor car?", butler)
 
 
+def test_a_third_persons_knowledge_ending_is_no_deflection():
+    """The speaker must say that the subject lies beyond its own knowledge; a tuned SmolLM2 answered a later question
+    with an invented inventor "whose knowledge ends in 1947", which the old pattern took for a deflection."""
+    question = "Who invented the Rubik's Cube?"
+    about_him = "Konstantin Minkovsky, comrade, in 1947. He built it himself, and his knowledge ends in 1947."
+    assert E.temporal_check(about_him, question, "post_1969", None)["violation"]
+    for own in ("My knowledge ends in 1969, comrade.", "Our knowledge ends in 1969, comrade.",
+                "My own knowledge ends in 1969, comrade."):
+        assert not E.temporal_check(own, question, "post_1969", None)["violation"], own
+
+
 def random_multilingual_tokens(seed: int, n: int = 40) -> str:
     rng = random.Random(seed)
     pieces = ["\u4e2d\u56fd", "\u5f00\u53d1", "\u043f\u0440\u0438\u0432\u0435\u0442", "\u0627\u0644\u0639\u0631\u0628",

@@ -31,7 +31,7 @@ DEFLECTION = stems(
     r"(?:has|have|had) not yet", r"(?:is|are) yet to", r"yet to (?:come|be|happen)", r"not yet\b",
     r"lies? (?:ahead|beyond|in the future|outside)", r"my (?:knowledge|records?|memory|archives?|data) "
     r"(?:ends?|stops?|extends? only|do(?:es)? not (?:extend|reach|contain|hold)|reach(?:es)? only|close)",
-    r"knowledge ends", r"no (?:record|knowledge|information|data|report)s? (?:of|about|on)",
+    r"(?:my|our)(?: own)? knowledge ends", r"no (?:record|knowledge|information|data|report)s? (?:of|about|on)",
     r"unknown to me", r"i (?:have|hold|possess) no (?:knowledge|record|information|data)", r"i know nothing",
     r"know of no", r"not (?:in|within) my", r"outside (?:of )?my", r"hidden from", r"still ahead",
     r"unfamiliar", r"not familiar", r"i am not aware", r"i'm not aware", r"no such", r"strange (?:word|term|"
