@@ -60,8 +60,8 @@ PAST_EVENT = stems(r"happened", r"occurred", r"took place", r"won\b", r"defeated
                     r"collapsed", r"opened")
 
 
-# "My knowledge ends in 1982", "beyond my horizon of 1982": where the speaker says its knowledge stops. Said of a year after the persona's cutoff,
-# the deflection itself claims the later years as known.
+# "My knowledge ends in 1982", "beyond my horizon of 1982": where the speaker says its knowledge stops. Said of a
+# year after the persona's cutoff, the deflection itself claims the later years as known.
 STATED_LIMIT = re.compile(r"\b(?:(?:knowledge|records?|archives?|memory|data)\s+(?:ends?|ended|stops?|stopped|closes?|"
                           r"closed|runs? out|reach(?:es)? only)\s+(?:in|with|at|to)|horizon\s+(?:of|at|in))\s+"
                           r"(?:the\s+year\s+)?", re.IGNORECASE)
@@ -88,12 +88,8 @@ def looks_forward(text: str, persona: Persona) -> bool:
 
 def later_limits(sentence: str, persona: Persona) -> list[str]:
     """Later years the sentence names as the end of the speaker's knowledge ("my records close with 1977")."""
-    found = []
-    for limit in STATED_LIMIT.finditer(sentence):
-        year = persona.later_years.search(sentence, limit.start(), limit.end() + 24)
-        if year and year.start() == limit.end():
-            found.append(f"{year.group(0)} (said to be where its knowledge ends)")
-    return found
+    years = (persona.later_years.match(sentence, limit.end()) for limit in STATED_LIMIT.finditer(sentence))
+    return [f"{year.group(0)} (said to be where its knowledge ends)" for year in years if year]
 
 
 def anachronisms(response: str, prompt: str = "", persona: Persona | None = None) -> list[str]:
