@@ -25,14 +25,14 @@ def bundled_prompts_path() -> Path:
     return Path(str(resources.files("deepred") / "resources" / "eval_prompts.jsonl"))
 
 
-def read_jsonl(path: str | Path, what: str) -> list[dict]:
+def read_jsonl(path: str | Path, what: str, shape: str = '{"id": ..., "prompt": ...}') -> list[dict]:
     """Rows of a JSONL file; a missing file, a folder or FIFO, or a line that is not UTF-8 or not a JSON object
-    is a one-line DeepRedError naming the file (and the line)."""
+    is a one-line DeepRedError naming the file (and the line); `shape` shows what a line should look like."""
     path = Path(path).expanduser()
     raw = read_regular_file(path, f"pass the {what} .jsonl file")  # a leading BOM removed
     rows = []
     for number, line in numbered_lines(raw):
-        row, problems = parse_json_object(line, '{"id": ..., "prompt": ...}')
+        row, problems = parse_json_object(line, shape)
         if problems:
             raise DeepRedError(f"{path}:{number}: {problems[0]}")
         row["_line"] = number
@@ -48,7 +48,7 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
     persona = persona or default_persona()
     path = Path(path) if path else persona.prompts_path
     prompts = []
-    for row in read_jsonl(path, "prompts"):
+    for row in read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}'):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DeepRedError(f"{path}:{row['_line']}: needs a non-empty \"prompt\" string")
         prompts.append(prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path)))

@@ -205,12 +205,15 @@ def test_a_responses_file_that_is_no_file_or_no_text_is_named_as_such(tmp_path, 
     fifo, folder, latin1 = tmp_path / "answers.fifo", tmp_path / "answers", tmp_path / "latin1.jsonl"
     os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
     folder.mkdir()
+    a_list = tmp_path / "list.jsonl"
+    a_list.write_text('\n["a", "p", "an answer"]\n')  # the blank first line still counts
     row = json.dumps({"id": "a", "prompt": "p", "response": "Sm\u00f6rg\u00e5s"}, ensure_ascii=False)
     latin1.write_bytes(row.encode("latin-1"))
     first_bad_byte = row.index("\u00f6")  # the text before it is ASCII: one byte a character
     for path, said in [(fifo, "is not a regular file (it is a FIFO (named pipe)); pass the responses .jsonl file"),
                        (folder, "is not a regular file (it is a directory)"),
-                       (latin1, f"latin1.jsonl:1: not valid UTF-8 (byte {first_bad_byte}); re-save the file as UTF-8")]:
+                       (latin1, f"latin1.jsonl:1: not valid UTF-8 (byte {first_bad_byte}); re-save the file as UTF-8"),
+                       (a_list, 'list.jsonl:2: expected an object like {"id": ..., "prompt": ..., "response": ...}')]:
         assert main(["evaluate", "--responses", str(path), "--output_dir", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err

@@ -18,7 +18,7 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
     path = Path(path)
     persona = persona or default_persona()
     rows = []
-    for row in read_jsonl(path, "responses"):
+    for row in read_jsonl(path, "responses", '{"id": ..., "prompt": ..., "response": ...}'):
         response = row.get("response")
         if response is not None and not isinstance(response, str):
             raise DeepRedError(f"{path}:{row['_line']}: \"response\" must be a string")
