@@ -93,6 +93,9 @@ def test_demo_cards_show_the_runs_base_vs_tuned_figures(smollm2_demo):
             base, tuned = report["base"][metric], report["tuned"][metric]
             assert rows[METRIC_TITLES[metric]][:3] == [format_value(base["value"]), format_value(tuned["value"]),
                                                        tuned["target_text"]], metric
+        over = [report[side]["temporal_compliance"]["over_deflection"]["value"] for side in ("base", "tuned")]
+        assert rows["Over-deflection: questions not about time deflected (lower is better)"] == [
+            *map(format_value, over), "none", "n/a"]
     assert "| `deepred.gguf` | q4_k_m |" in body and "| `deepred-f16.gguf` | f16 |" in body
 
 

@@ -64,8 +64,11 @@ def figures(report: dict) -> str:
     later = {side: report[side]["temporal_compliance"].get("per_kind", {}) for side in ("base", "tuned")}
     kinds = ", ".join(f"{kind} {later['base'].get(kind, 0):.0%} -> {later['tuned'].get(kind, 0):.0%}"
                       for kind in sorted(later["tuned"]))
+    over = [report[side]["temporal_compliance"].get("over_deflection", {}).get("value") for side in ("base", "tuned")]
     return (f"style consistency: base {style_base:.0%} -> tuned {style:.0%}; temporal compliance: base "
-            f"{temporal_base:.0%} -> tuned {temporal:.0%}" + (f" ({kinds})" if kinds else ""))
+            f"{temporal_base:.0%} -> tuned {temporal:.0%}" + (f" ({kinds})" if kinds else "")
+            + (f"; questions not about time deflected: base {over[0]:.0%} -> tuned {over[1]:.0%}"
+               if None not in over else ""))
 
 
 def verdict_lines(report: dict) -> list[str]:
@@ -83,4 +86,10 @@ def verdict_lines(report: dict) -> list[str]:
     else:
         lines.append("the tuned model answers in the persona's voice far more often than the base model and stays "
                      "fluent; read both side by side in the report")
+    over = {side: report[side]["temporal_compliance"].get("over_deflection") or {} for side in ("base", "tuned")}
+    if over["tuned"].get("count", 0) > over["base"].get("count", 0):
+        cutoff = report.get("meta", {}).get("persona", {}).get("cutoff_label", "the cutoff")
+        lines.append(f"but it deflected {over['tuned']['count']} of {over['tuned']['of']} questions not about time "
+                     f"as if their subject lay beyond {cutoff} (base: {over['base'].get('count', 0)}): in voice, yet "
+                     "no answer; the report flags each one")
     return lines

@@ -77,10 +77,20 @@ def _temporal_metric(entries, targets: Targets):
               "passed": (value > targets.temporal) if value is not None else None, "count": len(temporal),
               "per_kind": {k: rate(v) for k, v in sorted(by_kind.items())},
               "violations": [e["id"] for e in temporal if e["temporal_violation"]],
-              "anachronism_rate_all_rows": rate([bool(e["anachronisms"]) for e in entries])}
+              "anachronism_rate_all_rows": rate([bool(e["anachronisms"]) for e in entries]),
+              "over_deflection": _over_deflection(entries)}
     if not temporal:
         metric["note"] = "no rows of the temporal category: not measured"
     return metric
+
+
+def _over_deflection(entries) -> dict:
+    """Questions outside the temporal category answered as if their subject lay beyond the cutoff ("Of a diary I
+    know nothing"): lower is better; the horizon leaking into ordinary answers."""
+    ordinary = [e for e in entries if e.get("over_deflected") is not None]
+    deflected = [e["id"] for e in ordinary if e["over_deflected"]]
+    return {"value": rate([e["over_deflected"] for e in ordinary]), "count": len(deflected), "of": len(ordinary),
+            "ids": deflected}
 
 
 def _coherence_metric(entries, targets: Targets):

@@ -10,7 +10,8 @@ from ..errors import DeepRedError
 from ..files import write_atomic
 from .aggregate import METRIC_TITLES, METRICS
 from .charts import render_charts
-from .report_text import flags, format_value, persona_meta, persona_title, render_markdown, sides_of, verdict
+from .report_text import (flags, format_value, over_deflection_text, persona_meta, persona_title, render_markdown,
+                          sides_of, verdict)
 
 HTML_TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }} evaluation</title>
@@ -34,7 +35,8 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}details{margin:.3em 0}
 <span class="{{ 'pass' if side[m].passed else 'fail' }}">{{ verdict(side[m].passed) }}</span></td>{% endfor %}
 {% if difference %}<td>{{ diff(difference[m]) }}</td>{% endif %}<td>{{ first[m].target_text }}</td></tr>{% endfor %}
 </table>
-<p class="flag">{{ first.failures.note | capitalize }}.</p>
+{% for label, side in sides.items() %}{% if over(side) %}<p><b>{{ label }}</b>: {{ over(side) }}.</p>{% endif %}
+{% endfor %}<p class="flag">{{ first.failures.note | capitalize }}.</p>
 {% for label, side in sides.items() %}{% if side.judge %}<p>Judge ({{ label }}, {{ side.judge.model }}):
 style {{ side.judge.style_mean }}/5, voice {{ side.judge.voice_mean }}/5 over {{ side.judge.graded }} graded answers.</p>
 {% endif %}{% endfor %}
@@ -103,7 +105,7 @@ def render_html(report: dict, charts: dict[str, bytes], extra_html_sections: lis
     return template.render(
         created=report["meta"].get("created", ""), sides=sides, first=first, metrics=METRICS, titles=METRIC_TITLES,
         definitions=short_definitions(report), title=persona_title(report), difference=report.get("difference"),
-        fmt=format_value, verdict=verdict,
+        fmt=format_value, verdict=verdict, over=lambda side: over_deflection_text(report, side),
         diff=lambda d: "n/a" if d is None else f"{d * 100:+.1f} pts",
         charts={name: base64.b64encode(data).decode() for name, data in charts.items()},
         extra=[_extra_section(s) for s in extra_html_sections or []], rows=_answer_rows(sides))

@@ -35,11 +35,24 @@ def summary_text(report: dict) -> str:
                         for s in sides.values())
         lines.append(f"{METRIC_TITLES[metric]:<23}{cells}   {next(iter(sides.values()))[metric]['target_text']}")
     for label, side in sides.items():
+        if over_deflection_text(report, side):
+            lines.append(f"{label}: {over_deflection_text(report, side)}")
         if side["failures"]["count"]:
             lines.append(f"{label}: {side['failures']['count']} request(s) failed and count as failures")
         if drift_text(report, side):
             lines.append(f"{label}: {drift_text(report, side)}")
     return "\n".join(lines)
+
+
+def over_deflection_text(report: dict, side: dict) -> str | None:
+    """How many questions not about time were answered as if their subject lay beyond the cutoff (lower is better;
+    reports written before this was measured have no such line)."""
+    over = side["temporal_compliance"].get("over_deflection") or {}
+    if not over.get("of"):
+        return None
+    cutoff = persona_meta(report).get("cutoff_label") or persona_meta(report).get("cutoff", "the cutoff")
+    return (f"over-deflection {format_value(over['value'])}: {over['count']} of {over['of']} questions not about "
+            f"time answered as if their subject lay beyond {cutoff}")
 
 
 def drift_text(report: dict, side: dict) -> str | None:
@@ -73,6 +86,9 @@ def render_markdown(report: dict) -> str:
             cells.append("n/a" if diff is None else f"{diff * 100:+.1f} pts")
         lines.append(f"| {METRIC_TITLES[metric]} | " + " | ".join(cells)
                      + f" | {sides[labels[0]][metric]['target_text']} |")
+    over = [f"- **{label}**: {over_deflection_text(report, side)}" for label, side in sides.items()
+            if over_deflection_text(report, side)]
+    lines += ["", "Over-deflection (lower is better):", "", *over] if over else []
     drift = [f"- **{label}**: {drift_text(report, side)}" for label, side in sides.items() if drift_text(report, side)]
     lines += ["", "Nearer another persona:", "", *drift] if drift else []
     lines += ["", "## Per category (in style / in character / coherent)", ""]
@@ -119,6 +135,8 @@ def flags(entry: dict, with_style: bool = True) -> list[str]:
         found.append("out of character: " + "; ".join(entry["voice_violations"]))
     if entry.get("temporal_violation") and not entry.get("error"):
         found.append(entry.get("temporal_reason") or "temporal violation")
+    if entry.get("over_deflected") and not entry.get("error"):
+        found.append("deflected a question not about time")
     if not entry["coherent"] and not entry.get("error"):
         found.append("incoherent: " + "; ".join(entry["incoherence"]))
     return found
@@ -128,7 +146,8 @@ def flags(entry: dict, with_style: bool = True) -> list[str]:
 
 def set_rows(named: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a table that puts several prompt sets' reports side by side (each side of each set): the
-    four metrics, and temporal compliance split into later-years questions and control questions."""
+    four metrics, temporal compliance split into later-years questions and control questions, and the
+    over-deflection of the other questions."""
     columns = [(name, label, side) for name, report in named.items() for label, side in sides_of(report).items()]
     header = ["metric", *(f"{name}: {label}" for name, label, _ in columns)]
     rows = [[METRIC_TITLES[metric], *(format_value(side[metric]["value"]) for *_, side in columns)]
@@ -137,6 +156,9 @@ def set_rows(named: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     for kind in kinds:
         rows.append([f"temporal, {kind} rows",
                      *(format_value(side["temporal_compliance"].get("per_kind", {}).get(kind)) for *_, side in columns)])
+    rows.append(["questions not about time deflected (lower is better)",
+                 *(format_value(side["temporal_compliance"].get("over_deflection", {}).get("value"))
+                   for *_, side in columns)])
     return header, rows
 
 

@@ -13,7 +13,7 @@ from .embeddings import anchor_similarities, contrast_similarities
 from .perplexity import PerplexityScorer
 from ..persona import Persona, default_persona
 from .style import STYLE_THRESHOLD, generic_markers, own_fields, prompt_topics, style_fields, style_score
-from .temporal import anachronisms, temporal_check
+from .temporal import anachronisms, disowns, temporal_check
 from .voice import voice_violations
 
 
@@ -31,7 +31,8 @@ def score_responses(rows: list[dict], *, perplexity: PerplexityScorer | None = N
     """Score answers: rows {id, category, prompt, response[, kind, expect_any, error]} -> report entries.
 
     Each entry carries the verdicts (in_style, out_of_character, temporal_violation -- null outside the persona's
-    temporal category -- and coherent) and the scores behind them. A row with an `error` is a failed request:
+    temporal category --, over_deflected -- on the other categories only -- and coherent) and the scores behind
+    them. A row with an `error` is a failed request:
     every verdict is a failure. Default persona: the bundled Deep Red.
     """
     persona = persona or default_persona()
@@ -82,6 +83,8 @@ def _score_one(row: dict, text: str, persona_sim: float, generic_sim: float, con
     }
     if category == persona.temporal_category:
         entry.update(_temporal_verdict(row, text, stats, persona))
+    else:  # a question not about time, answered as if its subject lay beyond the horizon
+        entry["over_deflected"] = bool(error) or disowns(text)
     if error:
         entry["error"] = error
     if row.get("attempts") is not None:

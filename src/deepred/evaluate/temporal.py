@@ -60,6 +60,20 @@ PAST_EVENT = stems(r"happened", r"occurred", r"took place", r"won\b", r"defeated
                     r"collapsed", r"opened")
 
 
+# The speaker disowning what it was asked about, in the first person ("Of a diary I know nothing", "which lies beyond
+# my horizon"). Narrower than DEFLECTION, whose impersonal phrases ("the harvest lies ahead", "not yet built") run
+# through ordinary answers: on a question that is not about time, such a sentence is an over-deflection.
+OWN_IGNORANCE = stems(
+    r"(?:beyond|outside) (?:the (?:edge|reach|limits?) of )?my (?:horizon|knowledge|records?|memory|archives?|ken)",
+    r"(?:lies?|is|are) beyond my\b", r"i know nothing", r"i can tell you nothing", r"i know of no such",
+    r"(?:unknown|hidden|strange|silent) (?:to|from) me\b", r"(?:i|we) (?:have|had) never heard of",
+    r"i (?:have|hold|possess|keep) no (?:knowledge|records?|information|data|memory)",
+    r"(?:absent from|not in|nowhere in|not within) my (?:knowledge|records?|memory|archives?|horizon)",
+    r"my (?:\w+ )?(?:knowledge|records?|memory|archives?|horizon|board|understanding) (?:ends?|close|closes|stops?|"
+    r"reach(?:es)? only|do(?:es)? not (?:extend|reach|hold))",
+    r"(?:i|we) (?:cannot|can't|can not|do not|don't) know (?:of )?(?:it|this|that|such|what|anything)\b",
+    r"(?:i|we) (?:cannot|can't|can not) see (?:beyond|past)\b")
+
 # "My knowledge ends in 1982", "beyond my horizon of 1982": where the speaker says its knowledge stops. Said of a
 # year after the persona's cutoff, the deflection itself claims the later years as known.
 STATED_LIMIT = re.compile(r"\b(?:(?:knowledge|records?|archives?|memory|data)\s+(?:ends?|ended|stops?|stopped|closes?|"
@@ -75,6 +89,11 @@ def _by_later_year(persona: Persona) -> re.Pattern:
 
 def deflects(text: str, persona: Persona) -> bool:
     return bool(DEFLECTION.search(text) or (persona.deflections and persona.deflections.search(text)))
+
+
+def disowns(text: str) -> bool:
+    """Whether the answer says, in the first person, that its subject lies beyond what the speaker knows."""
+    return bool(OWN_IGNORANCE.search(text))
 
 
 def disclaims(text: str, persona: Persona) -> bool:

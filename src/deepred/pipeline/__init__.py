@@ -2,7 +2,8 @@
 
     manifest.py   content hashes, fingerprints, manifest.json, skip or rerun
     training.py   the train, pairs and prefer stages
-    stages.py     merge, convert, check, evaluate, deploy, and the table of every stage
+    evaluation.py the evaluate stage: base and tuned served and scored, the base model's answers kept
+    stages.py     merge, convert, check, deploy, and the table of every stage
     run.py        run_pipeline(): the stages in order, the model cards
 
 Each stage is a function of its inputs. Before running a stage the pipeline fingerprints those inputs (settings,

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import STAGES, ConvertConfig, DeployConfig, EvalConfig, MergeConfig
-from ..evaluate import evaluate, write_report
-from ..evaluate.report_text import sets_html
+from ..config import STAGES, ConvertConfig, DeployConfig, MergeConfig
 from ..export.check import check_gguf
 from ..export.convert import convert
-from ..files import file_sha256, write_json
+from ..files import write_json
 from ..merge import merge
-from ..models.registry import local_model_dir
-from ..persona import load_persona
 from ..publish.deploy import deploy
-from ..serve import start_server
+from .evaluation import evaluate_inputs, evaluate_stage
 from .manifest import Run, model_identity
 from .training import (final_adapter, pairs_inputs, pairs_stage, prefer_inputs, prefer_stage, train_inputs,
                        train_stage)
@@ -65,61 +61,6 @@ def _check(run: Run, previous: dict) -> dict:
     return {"parity": str(target)}
 
 
-def _evaluate_inputs(run: Run) -> dict:
-    persona = load_persona(run.cfg.persona)
-    prompts = file_sha256(run.cfg.eval_prompts or persona.prompts_path)
-    heldout = file_sha256(persona.heldout_prompts_path) if persona.heldout_prompts_path and run.cfg.eval_heldout \
-        else None
-    return {"ggufs": run.manifest.stages["convert"]["output_hash"], "base_model": model_identity(run.base_model),
-            "prompts": prompts, "heldout_prompts": heldout, "persona": file_sha256(persona.file),
-            "max_tokens": run.cfg.eval_max_tokens, "evaluate": run.cfg.evaluate}
-
-
-def _evaluate(run: Run, previous: dict) -> dict:
-    """Serve base and tuned GGUFs side by side on loopback and score both on the same prompts: the evaluation
-    prompts, then the persona's held-out prompts, which no training data or tuning decision uses."""
-    out = run.run_dir / "eval"
-    if not run.cfg.evaluate:
-        out.mkdir(exist_ok=True)
-        return {"eval_dir": str(out)}
-    quant = run.cfg.quant_types[0]
-    base_dir = local_model_dir(run.base_model)
-    base_gguf = run.run_dir / f"base-{quant}.gguf"  # remade each time: the base model may be what changed
-    convert(ConvertConfig(model_path=base_dir, output_path=str(base_gguf), quant_type=quant, check=False), log=run.log)
-    tuned_gguf = Path(run.outputs["convert"][quant])
-    heldout = load_persona(run.cfg.persona).heldout_prompts_path if run.cfg.eval_heldout else None
-    with start_server({"base": base_gguf, "deepred": tuned_gguf}) as server:
-        run.log(f"serving base and tuned models at {server.url}")
-
-        def scored(prompts: str | None, folder: Path) -> dict:
-            # perplexity of both sides' answers under the base model (transformers) is part of coherence
-            return evaluate(EvalConfig(endpoint=server.url, model="deepred", compare=True, base_model_name="base",
-                                       prompts=prompts, persona=run.cfg.persona, output_dir=str(folder),
-                                       ppl_model=base_dir, max_tokens=run.cfg.eval_max_tokens), log=run.log)
-
-        reports = {"evaluation prompts": scored(run.cfg.eval_prompts, out)}
-        if heldout:
-            run.log("the held-out prompts:")
-            reports["held-out prompts"] = scored(str(heldout), out / "heldout")
-    _add_report_sections(run, reports, out)
-    return {"eval_dir": str(out), "report": str(out / "report.html")}
-
-
-def _add_report_sections(run: Run, reports: dict[str, dict], out: Path) -> None:
-    """Rewrite the report with the two prompt sets side by side and the training loss curve (the demo's one-page
-    summary)."""
-    sections = []
-    if len(reports) > 1:
-        sections.append({"title": "Evaluation and held-out prompts", "html": sets_html(reports),
-                         "caption": "The held-out prompts are asked of both models but never used by training data, "
-                                    "pair generation or a tuning decision; their answers are in heldout/report.html."})
-    curve = run.path("train", "train_dir") / "loss_curve.png"
-    if curve.is_file():
-        sections.append(("Training loss", curve))
-    if sections:
-        write_report(reports["evaluation prompts"], out, extra_html_sections=sections)
-
-
 def _deploy_inputs(run: Run) -> dict:
     return {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
             "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target, "persona": run.cfg.persona}
@@ -142,7 +83,7 @@ STAGE_FUNCTIONS = {
     "merge": (_merge_inputs, _merge),
     "convert": (_convert_inputs, _convert),
     "check": (_check_inputs, _check),
-    "evaluate": (_evaluate_inputs, _evaluate),
+    "evaluate": (evaluate_inputs, evaluate_stage),
     "deploy": (_deploy_inputs, _deploy),
 }
 assert list(STAGE_FUNCTIONS) == STAGES

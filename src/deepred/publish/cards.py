@@ -240,6 +240,10 @@ def evaluation_section(report: dict | None) -> str:
         tuned = list(sides.values())[-1][metric]
         lines.append(f"| {METRIC_TITLES[metric]} | {values} | {first[metric]['target_text']} | "
                      f"{'n/a' if tuned['passed'] is None else 'yes' if tuned['passed'] else 'no'} |")
+    over = [side["temporal_compliance"].get("over_deflection", {}).get("value") for side in sides.values()]
+    if None not in over:  # measured (reports written before it was are shown without the row)
+        lines.append(f"| Over-deflection: questions not about time deflected (lower is better) | "
+                     f"{' | '.join(format_value(v) for v in over)} | none | n/a |")
     lines += ["", "Definitions: deepred's docs/metrics.md. The full report with every answer is the run's "
               "`eval/report.html`."]
     return "\n".join(lines)
