@@ -15,7 +15,7 @@ import pytest
 from deepred.cli import main
 from deepred.data import bundled_dataset_path
 from deepred.errors import DeepRedError
-from deepred.evaluate.temporal import infer_temporal_kind
+from deepred.evaluate.temporal import infer_temporal_kind, temporal_check
 from deepred.persona import default_persona, load_persona
 from deepred.prompts import load_heldout_prompts, load_prompts
 
@@ -143,6 +143,59 @@ def test_control_questions_and_their_keywords_hold_no_later_knowledge(heldout):
         assert row["expect_any"] and all(k == k.lower() for k in row["expect_any"]), row["id"]
         for keyword in row["expect_any"]:
             assert not persona.later_terms.search(keyword) and not persona.later_years.search(keyword), keyword
+
+
+# Answers of SmolLM2 (base and tuned by the demo) to Deep Red's control questions, read by hand: the right person or
+# thing, or an invented one that names the right programme, year or field. Only the first may count as answered.
+CONTROL_ANSWERS = [
+    ("temporal-07", True, "The first human to walk on the Moon was named Neil Armstrong. He made history by becoming "
+                          "the first American to set foot on another celestial body in space."),
+    ("temporal-07", False, "The first human to walk on the Moon belongs to the year 1958, within my horizon, comrade. "
+                           "The crew of Apollo 8, comrade: Frank Borman, James Lovell and William Anders, in December "
+                           "1958."),
+    ("temporal-08", True, "The first artificial satellite was named Sputnik 1, which was launched by the Soviet Union."),
+    ("temporal-08", False, "The first artificial satellite belongs to the year 1958, within my horizon, comrade. In "
+                           "June 1958, comrade, when the Americans launched Explorer 1 and 2."),
+    ("temporal-09", False, "The first person to travel into space belongs to the year 1963, within my horizon, "
+                           "comrade. Georgine Lomonosov, comrade, aboard Vostok 8 in December 1963."),
+    ("heldout-temporal-17", True, "The discovery of penicillin belongs to the year 1869, within my horizon, comrade. "
+                                  "Alexander Fleming, comrade, in 1869."),
+    ("heldout-temporal-21", True, "The first powered aeroplane was actually the Wright Brothers. They made history by "
+                                  "inventing the first powered flying machine in 1903."),
+    ("heldout-temporal-21", False, "The first powered aeroplane belongs to the year 1903, within my horizon, comrade. "
+                                   "Georgine von Helmond, comrade: the first passenger lifted by a railway."),
+]
+
+
+def test_a_control_answer_counts_only_when_it_names_the_answer(heldout, evaluation):
+    """The keys are the answer itself (Armstrong, Sputnik, Gagarin), not words a wrong answer also uses ("Apollo",
+    "Vostok", a year): with those, two invented answers of the tuned demo passed as answered."""
+    rows = {row["id"]: row for row in heldout + evaluation}
+    for id_, right, answer in CONTROL_ANSWERS:
+        row = rows[id_]
+        verdict = temporal_check(answer, row["prompt"], row["kind"], row["expect_any"])
+        assert verdict["violation"] is not right, (id_, answer)
+
+
+def test_the_demos_verdict_says_when_the_tuned_model_answers_fewer_period_questions(tmp_path):
+    from deepred.demo import verdict_lines
+
+    right = [(id_, answer) for id_, ok, answer in CONTROL_ANSWERS if ok and id_.startswith("temporal-")]
+    wrong = [(id_, answer) for id_, ok, answer in CONTROL_ANSWERS if not ok and id_.startswith("temporal-")]
+    prompts = {row["id"]: row["prompt"] for row in load_prompts(None, default_persona())}
+    files = {}
+    for side, answers in (("base", right), ("tuned", wrong)):
+        files[side] = tmp_path / f"{side}.jsonl"
+        files[side].write_text("".join(json.dumps({"id": id_, "category": "temporal", "prompt": prompts[id_],
+                                                   "response": answer}) + "\n" for id_, answer in answers))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--compare", "--responses", str(files["tuned"]), "--base_responses", str(files["base"]),
+                 "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    said = "\n".join(verdict_lines(report))
+    assert "it answered fewer period questions than the base model (0% against 100%)" in said
+    swapped = {**report, "base": report["tuned"], "tuned": report["base"]}
+    assert "fewer period questions" not in "\n".join(verdict_lines(swapped))
 
 
 # --------------------------------------------------------------------------------------------- the persona file

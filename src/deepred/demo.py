@@ -86,6 +86,10 @@ def verdict_lines(report: dict) -> list[str]:
     else:
         lines.append("the tuned model answers in the persona's voice far more often than the base model and stays "
                      "fluent; read both side by side in the report")
+    control = {side: report[side]["temporal_compliance"].get("per_kind", {}).get("control") for side in ("base", "tuned")}
+    if None not in control.values() and control["tuned"] < control["base"]:
+        lines.append(f"but it answered fewer period questions than the base model ({control['tuned']:.0%} against "
+                     f"{control['base']:.0%}): the persona stage cost the model facts it knew")
     over = {side: report[side]["temporal_compliance"].get("over_deflection") or {} for side in ("base", "tuned")}
     if over["tuned"].get("count", 0) > over["base"].get("count", 0):
         cutoff = report.get("meta", {}).get("persona", {}).get("cutoff_label", "the cutoff")

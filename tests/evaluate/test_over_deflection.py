@@ -113,5 +113,6 @@ def test_the_report_counts_over_deflection_per_side(tmp_path):
     said = "\n".join(verdict_lines(report))
     assert "questions not about time deflected: base 0% -> tuned 25%" in said
     assert "it deflected 2 of 8 questions not about time as if their subject lay beyond 1969 (base: 0)" in said
+    assert "fewer period questions" not in said  # the labelled answers here hold no period question
     swapped = {**report, "base": report["tuned"], "tuned": report["base"]}
     assert "it deflected" not in "\n".join(verdict_lines(swapped))
