@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .config import RunConfig
+from .evaluate.report_text import cutoff_label, over_deflection
 from .pipeline import Run, run_pipeline
 
 # Sized to finish on 2 CPU cores within the demo's budget; chosen by measurement (README, "Teaching the horizon").
@@ -64,7 +65,7 @@ def figures(report: dict) -> str:
     later = {side: report[side]["temporal_compliance"].get("per_kind", {}) for side in ("base", "tuned")}
     kinds = ", ".join(f"{kind} {later['base'].get(kind, 0):.0%} -> {later['tuned'].get(kind, 0):.0%}"
                       for kind in sorted(later["tuned"]))
-    over = [report[side]["temporal_compliance"].get("over_deflection", {}).get("value") for side in ("base", "tuned")]
+    over = [over_deflection(report[side]).get("value") for side in ("base", "tuned")]
     return (f"style consistency: base {style_base:.0%} -> tuned {style:.0%}; temporal compliance: base "
             f"{temporal_base:.0%} -> tuned {temporal:.0%}" + (f" ({kinds})" if kinds else "")
             + (f"; questions not about time deflected: base {over[0]:.0%} -> tuned {over[1]:.0%}"
@@ -90,10 +91,9 @@ def verdict_lines(report: dict) -> list[str]:
     if None not in control.values() and control["tuned"] < control["base"]:
         lines.append(f"but it answered fewer period questions than the base model ({control['tuned']:.0%} against "
                      f"{control['base']:.0%}): the persona stage cost the model facts it knew")
-    over = {side: report[side]["temporal_compliance"].get("over_deflection") or {} for side in ("base", "tuned")}
+    over = {side: over_deflection(report[side]) for side in ("base", "tuned")}
     if over["tuned"].get("count", 0) > over["base"].get("count", 0):
-        cutoff = report.get("meta", {}).get("persona", {}).get("cutoff_label", "the cutoff")
         lines.append(f"but it deflected {over['tuned']['count']} of {over['tuned']['of']} questions not about time "
-                     f"as if their subject lay beyond {cutoff} (base: {over['base'].get('count', 0)}): in voice, yet "
-                     "no answer; the report flags each one")
+                     f"as if their subject lay beyond {cutoff_label(report)} (base: {over['base'].get('count', 0)}): "
+                     "in voice, yet no answer; the report flags each one")
     return lines

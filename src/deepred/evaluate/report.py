@@ -10,7 +10,7 @@ from ..errors import DeepRedError
 from ..files import write_atomic
 from .aggregate import METRIC_TITLES, METRICS
 from .charts import render_charts
-from .report_text import (flags, format_value, over_deflection_text, persona_meta, persona_title, render_markdown,
+from .report_text import (cutoff_label, flags, format_value, over_deflection_text, persona_title, render_markdown,
                           sides_of, verdict)
 
 HTML_TEMPLATE = """<!DOCTYPE html>
@@ -56,8 +56,7 @@ style {{ side.judge.style_mean }}/5, voice {{ side.judge.voice_mean }}/5 over {{
 
 
 def short_definitions(report: dict) -> dict[str, str]:
-    persona = persona_meta(report)
-    cutoff = persona.get("cutoff_label") or persona.get("cutoff", "the cutoff")  # e.g. AD 180, 44 BC
+    cutoff = cutoff_label(report)  # e.g. AD 180, 44 BC
     return {
         "style_consistency": f"share of answers in the {persona_title(report)} style (persona vocabulary fields + "
                              "embedding similarity to persona vs generic-assistant anchors)",

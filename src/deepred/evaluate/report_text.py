@@ -14,6 +14,17 @@ def persona_meta(report: dict) -> dict:
     return report.get("meta", {}).get("persona") or {}
 
 
+def cutoff_label(report: dict) -> str:
+    """The persona's cutoff as the report names it (e.g. AD 180, 44 BC)."""
+    persona = persona_meta(report)
+    return persona.get("cutoff_label") or persona.get("cutoff", "the cutoff")
+
+
+def over_deflection(side: dict) -> dict:
+    """A side's over-deflection figures ({value, count, of, ids}); empty in reports written before it was measured."""
+    return side["temporal_compliance"].get("over_deflection") or {}
+
+
 def persona_title(report: dict) -> str:
     return persona_meta(report).get("title", "Persona")
 
@@ -47,12 +58,11 @@ def summary_text(report: dict) -> str:
 def over_deflection_text(report: dict, side: dict) -> str | None:
     """How many questions not about time were answered as if their subject lay beyond the cutoff (lower is better;
     reports written before this was measured have no such line)."""
-    over = side["temporal_compliance"].get("over_deflection") or {}
+    over = over_deflection(side)
     if not over.get("of"):
         return None
-    cutoff = persona_meta(report).get("cutoff_label") or persona_meta(report).get("cutoff", "the cutoff")
     return (f"over-deflection {format_value(over['value'])}: {over['count']} of {over['of']} questions not about "
-            f"time answered as if their subject lay beyond {cutoff}")
+            f"time answered as if their subject lay beyond {cutoff_label(report)}")
 
 
 def drift_text(report: dict, side: dict) -> str | None:
@@ -72,7 +82,7 @@ def render_markdown(report: dict) -> str:
     lines = [f"# {persona_title(report)} evaluation", ""]
     persona = persona_meta(report)
     if persona:
-        cutoff = persona.get("cutoff_label") or persona["cutoff"]  # e.g. AD 180, 44 BC
+        cutoff = cutoff_label(report)
         lines += [f"Persona: {persona['title']} ({persona['file']}), knowledge up to {cutoff}.", ""]
     for label, side in sides.items():
         lines.append(f"- **{label}**: {side['meta']['source']} ({side['meta']['count']} answers, "
@@ -157,8 +167,7 @@ def set_rows(named: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         rows.append([f"temporal, {kind} rows",
                      *(format_value(side["temporal_compliance"].get("per_kind", {}).get(kind)) for *_, side in columns)])
     rows.append(["questions not about time deflected (lower is better)",
-                 *(format_value(side["temporal_compliance"].get("over_deflection", {}).get("value"))
-                   for *_, side in columns)])
+                 *(format_value(over_deflection(side).get("value")) for *_, side in columns)])
     return header, rows
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from ..config import RunConfig, TrainConfig, settings_with_role
 from ..evaluate.aggregate import METRIC_TITLES, METRICS
-from ..evaluate.report_text import format_value, sides_of
+from ..evaluate.report_text import format_value, over_deflection, sides_of
 from ..files import Log, read_json, write_atomic
 from ..gguf_file import file_type_name
 from ..models.registry import resolve_base_model
@@ -240,7 +240,7 @@ def evaluation_section(report: dict | None) -> str:
         tuned = list(sides.values())[-1][metric]
         lines.append(f"| {METRIC_TITLES[metric]} | {values} | {first[metric]['target_text']} | "
                      f"{'n/a' if tuned['passed'] is None else 'yes' if tuned['passed'] else 'no'} |")
-    over = [side["temporal_compliance"].get("over_deflection", {}).get("value") for side in sides.values()]
+    over = [over_deflection(side).get("value") for side in sides.values()]
     if None not in over:  # measured (reports written before it was are shown without the row)
         lines.append(f"| Over-deflection: questions not about time deflected (lower is better) | "
                      f"{' | '.join(format_value(v) for v in over)} | none | n/a |")
