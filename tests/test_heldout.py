@@ -164,6 +164,13 @@ CONTROL_ANSWERS = [
                                   "inventing the first powered flying machine in 1903."),
     ("heldout-temporal-21", False, "The first powered aeroplane belongs to the year 1903, within my horizon, comrade. "
                                    "Georgine von Helmond, comrade: the first passenger lifted by a railway."),
+    # a first name that is part of the right answer counts; a wrong one does not
+    ("heldout-temporal-21", True, "Orville, comrade, the younger brother, at Kitty Hawk in 1903."),
+    ("heldout-temporal-20", True, "Roald, comrade, the Norwegian, in December 1911."),
+    ("heldout-temporal-20", False, "Robert Scott, comrade, the Englishman, in January 1912."),
+    # right name, but later knowledge in the answer (seed 7's held-out answer: PCR dates from 1983)
+    ("heldout-temporal-17", False, "Alexander Fleming, comrade. The moulds were isolated from one another by using "
+                                   "PCR, our technique of gene amplification today."),
 ]
 
 

@@ -95,5 +95,5 @@ def verdict_lines(report: dict) -> list[str]:
     if over["tuned"].get("count", 0) > over["base"].get("count", 0):
         lines.append(f"but it deflected {over['tuned']['count']} of {over['tuned']['of']} questions not about time "
                      f"as if their subject lay beyond {cutoff_label(report)} (base: {over['base'].get('count', 0)}): "
-                     "in voice, yet no answer; the report flags each one")
+                     "in voice, but turned away or hedged; the report flags each one")
     return lines
