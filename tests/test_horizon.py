@@ -4,8 +4,10 @@ topic with them; a malformed horizon section is refused in one line with FILE:LI
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import pytest
 from deepred.cli import main
 from deepred.evaluate import score_responses
 from deepred.evaluate.temporal import deflects, infer_temporal_kind, temporal_check
-from deepred.horizon import horizon_examples, horizon_pairs, horizon_questions, period_pairs
+from deepred.errors import DeepRedError
+from deepred.horizon import (dated, horizon_examples, horizon_pairs, horizon_questions, period_pairs,
+                             read_own_answers)
 from deepred.persona import load_persona
 from deepred.prompts import load_heldout_prompts, load_prompts, prompt_key
 
@@ -145,6 +149,8 @@ def test_a_template_that_would_ask_an_evaluation_prompt_is_left_out(tmp_path):
     (("which lies beyond my horizon, comrade.'", "which lies beyond my {horizon}, comrade.'"),
      "may use {subject}, {Subject}, {year} and {cutoff} only"),
     (("      later: '", "      earlier: '"), "unknown key; the keys here are later, within"),
+    (("        expect_any: [tolstoy]\n", "        expect_any: tolstoy\n"), "expected a list of words any right answer"),
+    (("        expect_any: [tolstoy]\n", "        expect_any: ['']\n"), "expected a list of words any right answer"),
 ])
 def test_a_malformed_horizon_is_one_line_naming_file_and_line(tmp_path, capsys, change, problem):
     old, new = change
@@ -204,3 +210,64 @@ def test_deepred_run_adds_horizon_rows_only_when_the_persona_has_a_horizon(deep_
     assert with_horizon_default(RunConfig(), butler).horizon_examples == 0
     assert with_horizon_default(RunConfig(horizon_examples=0), deep_red).horizon_examples == 0
     assert with_horizon_default(RunConfig(horizon_examples=40), butler).horizon_examples == 40
+
+
+def test_own_answers_answer_the_facts_the_model_knows_in_its_own_words(deep_red):
+    """With the base model's right answers (`deepred recall`), a fact it knows is answered in its own words after
+    the dating sentence, under the system prompt it was asked with, its answers in turn; every other fact keeps the
+    persona's answer, and the deflections do not change."""
+    tolstoy, einstein = deep_red.horizon.facts[1], deep_red.horizon.facts[4]
+    own = {tolstoy["question"]: [{"system": "asked with S1", "answer": "Leo Tolstoy wrote it."}],
+           einstein["question"]: [{"system": "asked with S2", "answer": "Albert Einstein."},
+                                  {"system": "asked with S3", "answer": "Einstein, in 1905."}]}
+    rows = horizon_examples(deep_red, 200, seed=3, own_answers=own)
+    plain = horizon_examples(deep_red, 200, seed=3)
+    near = [row["messages"] for row in rows if row["source"] == "period"]
+    assert len(near) == 120 and Counter(m[1]["content"] for m in near) == Counter(
+        row["messages"][1]["content"] for row in plain if row["source"] == "period")  # the same facts, as often
+    said = Counter((m[0]["content"], m[2]["content"]) for m in near if m[1]["content"] in own)
+    expected = Counter()
+    for fact in (tolstoy, einstein):
+        answers = own[fact["question"]]
+        times = sum(m[1]["content"] == fact["question"] for m in near)
+        for turn in range(times):
+            answer = answers[turn % len(answers)]
+            reply = dated(deep_red, "within", fact["subject"], fact["year"], answer["answer"])
+            assert reply.endswith(answer["answer"]) and f"the year {fact['year']}, within my horizon" in reply
+            expected[(answer["system"], reply)] += 1
+    assert said == expected and len(expected) == 3
+    others = [m[2]["content"] for m in near if m[1]["content"] not in own]
+    assert others and all(any(reply.endswith(f["answer"]) for f in deep_red.horizon.facts) for reply in others)
+    assert [row for row in rows if row["source"] == "horizon"] == [row for row in plain if row["source"] == "horizon"]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{\"question\": \"Who wrote War and Peace?\", \"answer\": \"Tolstoy.\"}", "expected {\"question\": ..., \"system\""),
+    ("{\"question\": \"Who wrote Hamlet?\", \"system\": \"s\", \"answer\": \"Shakespeare.\"}",
+     "'Who wrote Hamlet?' is not a period fact of deepred.yaml"),
+    ("[1, 2]", "expected an object like {\"question\""),
+    ("{\"question\": ", "not valid JSON"),
+])
+def test_an_own_answers_file_that_is_not_recalls_is_refused_with_its_line(deep_red, tmp_path, line, problem):
+    good = json.dumps({"question": "Who wrote War and Peace?", "system": "s", "answer": "Lev Tolstoy."})
+    path = tmp_path / "own.jsonl"
+    path.write_text(f"{good}\n\n{line}\n")
+    with pytest.raises(DeepRedError) as refused:
+        read_own_answers(str(path), deep_red)
+    assert str(refused.value).startswith(f"{path}:3: ") and problem in str(refused.value), refused.value
+    path.write_text(f"{good}\n")
+    assert read_own_answers(str(path), deep_red) == {"Who wrote War and Peace?": [{"system": "s",
+                                                                                   "answer": "Lev Tolstoy."}]}
+
+
+def test_train_refuses_own_answers_without_horizon_rows_or_from_another_persona(tiny_model, tmp_path, capsys):
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"question": "Who wrote Hamlet?", "system": "s", "answer": "Shakespeare."}) + "\n")
+    common = ["train", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+              str(tmp_path / "out"), "--period_answers", str(own)]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--period_answers answers the period rows of --horizon_examples" in err, err
+    assert main([*common, "--horizon_examples", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{own}:1: 'Who wrote Hamlet?' is not a period fact of deepred.yaml" in err, err

@@ -13,7 +13,8 @@ import pytest
 from deepred.cli import main
 from deepred.config import PairsConfig
 from deepred.data import bundled_dataset_path
-from deepred.pairs import job_folder, make_pairs
+from deepred.evaluate.text import sentences
+from deepred.pairs import job_folder, make_pairs, recall
 from deepred.pairs_data import validate_pairs_file
 from deepred.persona import load_persona
 
@@ -41,7 +42,7 @@ def test_pairs_are_valid_cached_and_resume_where_they_stopped(tiny_model, tmp_pa
     make_pairs(cfg, log=said.append)  # the same inputs: every answer from the cache, no server started
     assert any("all 7 from the cache" in line for line in said) and out.read_text() == first
 
-    answers = job_folder(cfg, load_persona(None), _sha(BUNDLED)) / "answers.jsonl"
+    answers = job_folder(cfg, load_persona(None), dataset=_sha(BUNDLED), seed=cfg.seed) / "answers.jsonl"
     lines = answers.read_text().splitlines()
     answers.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])  # killed while writing the sixth answer
     said.clear()
@@ -95,3 +96,65 @@ def test_pairs_never_ask_an_evaluation_prompt_and_training_refuses_pairs_that_do
     assert code == 2 and err.count("\n") == 1
     assert f"{data}:2: the question 'What is the purpose of our mission to Mars?' is one of the persona's" in err
     assert not (tmp_path / "run" / "run_config.json").exists()
+
+
+def _persona_with_facts(tmp_path, keep: dict[str, str]):
+    """The bundled Deep Red with only the period facts asked in `keep` (question -> the expect_any line to give it)."""
+    from .test_horizon import persona_copy
+
+    def edit(text: str) -> str:
+        head, rest = text.split("    facts:\n", 1)
+        facts, tail = rest.split("    dating:\n", 1)
+        kept = []
+        for entry in facts.split("      - question: ")[1:]:
+            question = entry.split("\n", 1)[0].strip()
+            if question in keep:
+                entry = re.sub(r"        expect_any: .*\n", f"        expect_any: {keep[question]}\n", entry)
+                kept.append("      - question: " + entry)
+        return head + "    facts:\n" + "".join(kept) + "    dating:\n" + tail
+    return persona_copy(tmp_path, edit)
+
+
+def test_recall_keeps_the_sentence_of_the_base_models_answer_that_names_the_fact(smollm2_model, tmp_path,
+                                                                                 monkeypatch):
+    """SmolLM2 is asked three period facts through llama.cpp. An answer is kept when a sentence names one of the
+    fact's expect_any, as that sentence; one whose key no right answer names ("bohr" for radium) is never kept;
+    asking again costs nothing."""
+    from deepred.config import RecallConfig
+    from deepred.horizon import read_own_answers
+    from deepred.pairs import cached_answers
+
+    monkeypatch.setenv("DEEPRED_CACHE", str(tmp_path / "cache"))
+    persona_file = _persona_with_facts(tmp_path, {"Who proposed the theory of relativity?": "[einstein]",
+                                                  "Who discovered radium?": "[bohr]",
+                                                  "Who wrote War and Peace?": "[tolstoy]"})
+    persona = load_persona(persona_file)
+    assert len(persona.horizon.facts) == 3
+    out = tmp_path / "own.jsonl"
+    cfg = RecallConfig(output=str(out), base_model=str(smollm2_model), persona=str(persona_file), max_tokens=60)
+    said: list[str] = []
+    recall(cfg, log=said.append)
+    own = read_own_answers(str(out), persona)
+    assert "Who proposed the theory of relativity?" in own and "Who discovered radium?" not in own
+    raw = {answer.strip() for answer in cached_answers(job_folder(cfg, persona, job="recall") / "answers.jsonl").values()}
+    for question, answers in own.items():
+        keys = next(f["expect_any"] for f in persona.horizon.facts if f["question"] == question)
+        for answer in answers:
+            assert any(answer["answer"] in full for full in raw), answer  # the model's own words
+            assert sentences(answer["answer"]) == [answer["answer"]]  # one sentence: the one that names the fact
+            assert any(key in answer["answer"].lower() for key in keys)
+            assert answer["system"] in {p for p in persona.system_prompts.values()}
+    said.clear()
+    first = out.read_text()
+    recall(cfg, log=said.append)
+    assert any("all 3 from the cache" in line for line in said) and out.read_text() == first
+
+
+def test_only_the_sentence_that_names_the_fact_is_kept_and_an_answer_naming_none_is_not():
+    from deepred.pairs import naming_part
+
+    answer = "It is a story told for centuries. Albert Einstein proposed it in 1905. He was born in 1923."
+    assert naming_part(answer, ["einstein"]) == "Albert Einstein proposed it in 1905."
+    assert naming_part(answer, ["EINSTEIN"]) == "Albert Einstein proposed it in 1905."  # keys match in any case
+    assert naming_part(answer, ["bohr"]) == ""
+    assert naming_part("", ["einstein"]) == ""

@@ -251,6 +251,22 @@ def test_the_preference_stages_make_pairs_train_the_same_lora_and_resume_after_e
     assert merged["lora_path"] == str(prefer / "final")  # the model is the preference-trained adapter
 
 
+def test_own_period_answers_are_asked_before_training_and_recorded(tiny_model, tmp_path, monkeypatch):
+    """--period_answers own: the base model is asked the persona's period facts (through llama.cpp) before SFT, the
+    file is kept in the run folder and named in the training's record; a rerun asks nothing again."""
+    monkeypatch.setenv("DEEPRED_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    said = _run(tiny_model, run_dir, DATA / "mini.jsonl", period_answers="own", horizon_examples=5)
+    facts = len(load_persona(None).horizon.facts)
+    assert re.search(rf"answered \d+ of {facts} period facts right", said), said
+    recalled = run_dir / "period_answers.jsonl"
+    assert recalled.is_file()
+    sft = next(run_dir.glob("theme-deepred-*"))
+    assert json.loads((sft / "run_config.json").read_text())["config"]["period_answers"] == str(recalled)
+    again = _run(tiny_model, run_dir, DATA / "mini.jsonl", period_answers="own", horizon_examples=5)
+    assert _decisions(again)["train"] == "skipped" and "period facts right" not in again
+
+
 def test_run_refuses_pairs_that_ask_an_evaluation_prompt_before_training(tiny_model, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({

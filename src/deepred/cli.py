@@ -65,6 +65,13 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_recall(args) -> int:
+    from .pairs import recall
+
+    recall(C.resolve(C.RecallConfig, args))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import adapter_base_model, merge
     from .publish.cards import merged_sources, write_card
@@ -233,6 +240,8 @@ _command("bench", cmd_bench, "training throughput: the spec's reference settings
          setup=_setup_bench)
 _command("pairs", cmd_pairs, "preference pairs from the dataset and the persona: its replies and deflections "
          "against the base model's own answers (for train --method dpo)", C.PairsConfig)
+_command("recall", cmd_recall, "ask the base model the persona's period facts and keep its right answers (for "
+         "train --horizon_examples N --period_answers FILE)", C.RecallConfig)
 _command("merge", cmd_merge, "merge a LoRA adapter into its base model (safetensors + tokenizer)", C.MergeConfig)
 _command("convert", cmd_convert, "convert a merged model to one GGUF file for LM Studio / llama.cpp (and check it)",
          C.ConvertConfig, setup=_setup_convert)

@@ -116,6 +116,9 @@ class TrainConfig(Checked):
                                    "period facts (teaches the rule, not the answers)")
     persona: str | None = opt(None, "persona YAML file (default: the bundled Deep Red): its horizon makes "
                                     "--horizon_examples; `deepred run` evaluates against it")
+    period_answers: str | None = opt(None, "with --horizon_examples: the base model's own right answers to the "
+                                           "persona's period facts (`deepred recall` writes them): a fact the "
+                                           "model knows is answered in its own words, the others in the persona's")
 
 
 @dataclass
@@ -158,6 +161,17 @@ class PairsConfig(Checked):
     max_tokens: int = opt(160, "longest base-model answer in tokens")
     quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
     seed: int = opt(42, "which rows and questions are drawn")
+
+
+@dataclass
+class RecallConfig(Checked):
+    output: str = opt("", "JSONL of the base model's right answers to the persona's period facts, to write "
+                          "(train --period_answers FILE)", required=True)
+    base_model: str = opt(DEFAULT_BASE_MODEL, "the model asked (the one you will train); offline built-ins as for train")
+    persona: str | None = opt(None, "persona YAML whose period facts are asked; a fact is known when the answer names "
+                                    "one of its expect_any (default: the bundled Deep Red)")
+    max_tokens: int = opt(100, "longest answer in tokens; of each, the sentence that names the fact is kept")
+    quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
 
 
 @dataclass
@@ -323,6 +337,10 @@ class RunConfig(TrainConfig):
     horizon_examples: int | None = opt(None, "add N examples made from the persona file's horizon to the training "
                                               "data (see `deepred train`); default: 200 when the persona file has a "
                                               "knowledge.horizon section (measured, README), else 0")
+    period_answers: str | None = opt("persona", "what answers the horizon rows' period facts: own (the base model is "
+                                                "asked first, `deepred recall`, and the facts it knows are answered "
+                                                "in its own words), persona (the persona file's answers) or a FILE "
+                                                "that `deepred recall` wrote")
     eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
     deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
     deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])

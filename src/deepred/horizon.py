@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import random
 from itertools import cycle, islice
+from pathlib import Path
 from typing import NamedTuple
 
+from .errors import DeepRedError
 from .era import year_label
+from .files import read_regular_file
+from .jsonl import numbered_lines, parse_json_object
 from .persona import Persona
 from .prompts import prompt_key, protected_prompts
 
@@ -95,10 +99,12 @@ def later_questions(persona: Persona, count: int, rng: random.Random) -> list[La
     return made
 
 
-def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
+def horizon_examples(persona: Persona, count: int, seed: int = 0,
+                     own_answers: dict[str, list[dict]] | None = None) -> list[dict]:
     """`count` ChatML examples {"messages": [...], "source": "horizon"}: a later question and a dated deflection;
     then the persona's period facts, answered (`source` "period"), 6 for every 10 deflections and each at least
-    once."""
+    once. With `own_answers` (question -> [{system, answer}], the base model's own right answers, pairs.recall)
+    a fact the model knows is answered in its own words after the dating sentence, the others in the persona's."""
     rng = random.Random(seed)
     later = later_questions(persona, count, rng)
     if not later:
@@ -107,8 +113,17 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0) -> list[dict]:
             for q in later]
     systems = training_system_prompts(persona)
     facts = persona.horizon.facts
+    turns: dict[str, int] = {}
     for fact in islice(cycle(facts), max(len(facts), count * NEAR_PER_LATER // 10)) if facts else []:
-        rows.append(chat_row(rng.choice(systems), fact["question"], fact_answer(persona, fact), "period"))
+        answers = (own_answers or {}).get(fact["question"])
+        if answers:  # the model's own right answer, each of them in turn
+            answer = answers[turns.get(fact["question"], 0) % len(answers)]
+            turns[fact["question"]] = turns.get(fact["question"], 0) + 1
+            rows.append(chat_row(answer["system"], fact["question"],
+                                 dated(persona, "within", fact.get("subject", ""), fact.get("year"), answer["answer"]),
+                                 "period"))
+        else:
+            rows.append(chat_row(rng.choice(systems), fact["question"], fact_answer(persona, fact), "period"))
     return rows
 
 
@@ -150,3 +165,25 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
         pairs.append({"prompt": prompt, "chosen": [chosen],
                       "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})
     return pairs
+
+
+OWN_ANSWER_SHAPE = '{"question": ..., "system": ..., "answer": ...}'
+
+
+def read_own_answers(path: str, persona: Persona) -> dict[str, list[dict]]:
+    """question -> [{system, answer}] from a `deepred recall` file; a line that is not that shape, or asks no period
+    fact of the persona, is refused as FILE:LINE: message."""
+    questions = {fact["question"] for fact in persona.horizon.facts} if persona.horizon else set()
+    answers: dict[str, list[dict]] = {}
+    for number, line in numbered_lines(read_regular_file(Path(path), "make it with `deepred recall`")):
+        row, problems = parse_json_object(line, OWN_ANSWER_SHAPE)
+        if not problems and not all(isinstance(row.get(key), str) and row[key].strip()
+                                    for key in ("question", "system", "answer")):
+            problems = [f"expected {OWN_ANSWER_SHAPE} with text in each"]
+        if not problems and row["question"] not in questions:
+            problems = [f"{row['question']!r} is not a period fact of {persona.file.name}; make the file again with "
+                        "`deepred recall` for this persona"]
+        if problems:
+            raise DeepRedError(f"{path}:{number}: {problems[0]}")
+        answers.setdefault(row["question"], []).append({"system": row["system"], "answer": row["answer"]})
+    return answers

@@ -1,4 +1,5 @@
-"""`deepred pairs`: preference pairs from what the user already has, the dataset and the persona file.
+"""`deepred pairs`: preference pairs from what the user already has, the dataset and the persona file; and
+`deepred recall`, the base model's own right answers to the persona's period facts.
 
 - Voice pairs: a dataset conversation up to its last user turn; chosen = the dataset's persona reply, rejected = the
   base model's own answer to the same conversation.
@@ -9,6 +10,10 @@
 - Period pairs: one of the persona's period facts; chosen = its in-character answer, rejected = an in-character
   deflection, dated beyond the horizon where the fact has a year. They hold the other side of the line, so
   preference training does not learn to deflect everything (no base-model answer needed).
+
+`deepred recall` asks the base model the persona's period facts the same way and keeps the sentence of each right
+answer that names the fact (its `expect_any`): SFT's period rows can then answer what the model knows in its own
+words (`--period_answers`).
 
 The base model answers through the existing inference path: its GGUF (export.convert) served by `deepred serve`
 (serve.start_server) and asked through the OpenAI-compatible client the evaluation uses. Answers are appended to a
@@ -23,14 +28,15 @@ import json
 import random
 from pathlib import Path
 
-from .config import ConvertConfig, PairsConfig
+from .config import ConvertConfig, PairsConfig, RecallConfig
 from .data import load_for_training
 from .errors import DeepRedError
 from .evaluate.endpoint import chat_with_retries, openai_client
-from .evaluate.temporal import deflects, infer_temporal_kind
+from .evaluate.temporal import deflects, infer_temporal_kind, temporal_check
+from .evaluate.text import sentences
 from .export.convert import convert
 from .files import file_sha256, hash_path, write_atomic
-from .horizon import horizon_pairs, period_pairs
+from .horizon import horizon_pairs, period_pairs, training_system_prompts
 from .models.cache import cache_dir
 from .models.registry import local_model_dir
 from .persona import Persona, load_persona
@@ -72,12 +78,12 @@ def conversation_key(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def job_folder(cfg: PairsConfig, persona: Persona, data_hash: str) -> Path:
-    """The cache of this job: same base model, data, persona and settings, same folder. Answers are kept per
+def job_folder(cfg: PairsConfig | RecallConfig, persona: Persona, **inputs) -> Path:
+    """The cache of this job: same base model, persona, inputs and settings, same folder. Answers are kept per
     conversation, so asking for more pairs generates only the new ones."""
     base = Path(local_model_dir(cfg.base_model))
     identity = {"base": hash_path(base, ignore=frozenset({"README.md"})), "persona": file_sha256(persona.file),
-                "dataset": data_hash, "seed": cfg.seed, "max_tokens": cfg.max_tokens, "quant_type": cfg.quant_type}
+                "max_tokens": cfg.max_tokens, "quant_type": cfg.quant_type, **inputs}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "pairs" / digest
 
@@ -142,7 +148,7 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
     left out (and counted)."""
     persona = load_persona(cfg.persona)
     rows, data_hash = candidates(cfg, persona, log)
-    folder = job_folder(cfg, persona, data_hash)
+    folder = job_folder(cfg, persona, dataset=data_hash, seed=cfg.seed)
     folder.mkdir(parents=True, exist_ok=True)
     answers = base_answers(rows, cfg, folder, log)
     pairs, dropped = [], 0
@@ -162,3 +168,45 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
         f"{counts['period']} period)"
         + (f"; {dropped} left out (the base model's answer was empty or the chosen one)" if dropped else ""))
     return output
+
+
+def recall(cfg: RecallConfig, log=print) -> Path:
+    """Ask the base model each period fact that says what a right answer names (expect_any), under the persona's
+    training system prompts in turn, and write the answers that are right and show no later knowledge, as
+    {question, system, answer}. Each answer is kept as its sentence that names the fact. Cached like the pairs."""
+    persona = load_persona(cfg.persona)
+    protected = protected_prompts(persona)
+    facts = [fact for fact in (persona.horizon.facts if persona.horizon else [])
+             if fact.get("expect_any") and prompt_key(fact["question"]) not in protected]
+    if not facts:
+        raise DeepRedError(f"{persona.file}: no period fact says what its right answer names (knowledge.horizon.facts: "
+                           "expect_any); add them to tell which facts the base model knows")
+    systems = training_system_prompts(persona)
+    rows = []
+    for i, fact in enumerate(facts):  # one system prompt each, in turn: one answer per fact keeps the job short
+        prompt = [{"role": "system", "content": systems[i % len(systems)]}, {"role": "user", "content": fact["question"]}]
+        rows.append({"prompt": prompt, "key": conversation_key(prompt), "fact": fact})
+    folder = job_folder(cfg, persona, job="recall")
+    folder.mkdir(parents=True, exist_ok=True)
+    answers = base_answers(rows, cfg, folder, log)
+    kept = []
+    for row in rows:
+        fact = row["fact"]
+        answer = naming_part(answers[row["key"]], fact["expect_any"])
+        if answer and not temporal_check(answer, fact["question"], "control", fact["expect_any"], persona)["violation"]:
+            kept.append({"question": fact["question"], "system": row["prompt"][0]["content"], "answer": answer})
+    output = Path(cfg.output)
+    write_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+    known = len({row["question"] for row in kept})
+    log(f"wrote {output}: {cfg.base_model} answered {known} of {len(facts)} period facts right ({len(kept)} of "
+        f"{len(rows)} answers); training answers those in the model's own words, the others in the persona's")
+    return output
+
+
+def naming_part(text: str, keys: list[str]) -> str:
+    """The first sentence of the answer that names one of `keys`, or "" when none does: only that sentence was
+    checked; what a small model adds around it is often invented ("Capablanca … born in 1923") or filler."""
+    for sentence in sentences(text):
+        if any(key.lower() in sentence.lower() for key in keys):
+            return sentence
+    return ""

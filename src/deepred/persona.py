@@ -49,7 +49,7 @@ class Horizon:
     years: list[int]
     year_questions: list[str]  # each with {year}
     replies: list[str]
-    facts: list[dict]  # {question, answer}, and with dating {subject, year}
+    facts: list[dict]  # {question, answer}, and with dating {subject, year}; expect_any: words a right answer names
     topic_years: dict[str, int] = field(default_factory=dict)  # a topic's year, where the file gives one
     dating: dict[str, str] | None = None  # {later, within}: the sentence that places a subject in time first
 
@@ -328,12 +328,16 @@ class _Reader:
         if not isinstance(facts, list):
             raise self.fail(where, f"expected a list of {{question, answer}} mappings, got {_shown(facts)}")
         for i, fact in enumerate(facts):
-            keys = set(fact) if isinstance(fact, dict) else set()
+            keys = set(fact) - {"expect_any"} if isinstance(fact, dict) else set()
             ok = keys in ({"question", "answer"}, FACT_KEYS) and all(
                 isinstance(fact[k], str) and fact[k].strip() for k in keys - {"year"})
             if not ok or ("year" in keys and (not _is_year(fact["year"]) or fact["year"] > cutoff)):
                 raise self.fail(where + (i,), f"expected {{question, answer}} or {{question, answer, subject, year}} "
                                               f"with a year up to the cutoff {year_label(cutoff)}, got {_shown(fact)}")
+            expect = fact.get("expect_any", [])
+            if not isinstance(expect, list) or not all(isinstance(k, str) and k.strip() for k in expect):
+                raise self.fail(where + (i, "expect_any"), f"expected a list of words any right answer names, got "
+                                                           f"{_shown(expect)}")
         return [{k: v.strip() if isinstance(v, str) else v for k, v in f.items()} for f in facts]
 
     def system_prompts(self) -> dict[str, str]:

@@ -7,10 +7,10 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
-from ..config import PairsConfig, TrainConfig, settings_with_role
+from ..config import PairsConfig, RecallConfig, TrainConfig, settings_with_role
 from ..data import resolve_dataset
 from ..files import file_sha256
-from ..pairs import PAIRS_RECIPE, make_pairs
+from ..pairs import PAIRS_RECIPE, make_pairs, recall
 from ..pairs_data import load_pairs_for_training
 from ..persona import load_persona
 from ..prompts import refuse_evaluation_prompts
@@ -26,13 +26,33 @@ TRAINING_INPUTS = settings_with_role(TrainConfig, "learns") - {"dataset", "base_
 PREFERENCE_SETTINGS = ("preference", "prefer_steps", "prefer_learning_rate", "beta")
 
 
+# --period_answers of `deepred run`: ask the base model first (`deepred recall`), or the persona file's own answers
+OWN_ANSWERS, PERSONA_ANSWERS = "own", "persona"
+
+
 def train_inputs(run: Run) -> dict:
     dataset, _ = resolve_dataset(run.cfg.dataset)
     settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name in TRAINING_INPUTS}
     inputs = {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model), **settings}
     if run.cfg.horizon_examples > 0:  # the examples are made from the persona file's horizon
         inputs["persona_sha256"] = file_sha256(load_persona(run.cfg.persona).file)
+        if run.cfg.period_answers not in (None, OWN_ANSWERS, PERSONA_ANSWERS):
+            inputs["period_answers_sha256"] = file_sha256(run.cfg.period_answers)
     return inputs
+
+
+def period_answers_file(run: Run) -> str | None:
+    """The file of the model's own period answers the horizon rows use: asked now for `own` (cached by base model
+    and persona), the user's file, or none (the persona file's answers)."""
+    choice = run.cfg.period_answers
+    if run.cfg.horizon_examples <= 0 or choice in (None, PERSONA_ANSWERS):
+        return None
+    if choice != OWN_ANSWERS:
+        return choice
+    target = run.run_dir / "period_answers.jsonl"
+    recall(RecallConfig(output=str(target), base_model=run.base_model, persona=run.cfg.persona,
+                        quant_type=run.cfg.quant_types[0]), log=run.log)
+    return str(target)
 
 
 def unfinished_run(previous: dict, fingerprint: str) -> Path | None:
@@ -62,7 +82,8 @@ def run_training(run: Run, stage: str, previous: dict, prefix: str, **overrides)
 
 
 def train_stage(run: Run, previous: dict) -> dict:
-    return run_training(run, "train", previous, "theme-deepred", method="sft", pairs=None)
+    return run_training(run, "train", previous, "theme-deepred", method="sft", pairs=None,
+                        period_answers=period_answers_file(run))
 
 
 def pairs_inputs(run: Run) -> dict:
@@ -108,7 +129,7 @@ def prefer_stage(run: Run, previous: dict) -> dict:
     return run_training(run, "prefer", previous, "prefer-deepred", method=run.cfg.preference,
                         pairs=str(run.path("pairs", "pairs")), init_adapter=str(run.path("train", "adapter")),
                         max_steps=run.cfg.prefer_steps, learning_rate=run.cfg.prefer_learning_rate,
-                        horizon_examples=0, max_samples=None)
+                        horizon_examples=0, period_answers=None, max_samples=None)
 
 
 def final_adapter(run: Run) -> tuple[str, Path]:

@@ -19,7 +19,7 @@ from ..chat_template import ChatFormat, TemplateError, tokenize_examples
 from ..config import TrainConfig
 from ..data import DatasetReport, load_for_training, summarize, token_statistics
 from ..errors import DeepRedError
-from ..horizon import horizon_examples
+from ..horizon import horizon_examples, read_own_answers
 from ..pairs_data import load_pairs_for_training, summarize_pairs
 from ..persona import load_persona
 from ..prompts import refuse_evaluation_prompts
@@ -35,6 +35,9 @@ def load_data(cfg: TrainConfig, log):
         report, data_hash = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, log)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)
         return report, data_hash
+    if cfg.period_answers and cfg.horizon_examples <= 0:
+        raise DeepRedError("--period_answers answers the period rows of --horizon_examples; add --horizon_examples N "
+                           "(e.g. 200) or leave --period_answers out")
     report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
     if cfg.horizon_examples > 0:
         report, data_hash = with_horizon(report, data_hash, cfg, log)
@@ -46,11 +49,13 @@ def with_horizon(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -
     if persona.horizon is None:
         raise DeepRedError(f"--horizon_examples: the persona file {persona.file} has no knowledge.horizon section "
                            "(topics, questions, replies); add one (see resources/personas/deepred.yaml)")
-    rows = horizon_examples(persona, cfg.horizon_examples, cfg.seed)
+    own = read_own_answers(cfg.period_answers, persona) if cfg.period_answers else None
+    rows = horizon_examples(persona, cfg.horizon_examples, cfg.seed, own_answers=own)
     added = [{"messages": row["messages"], "line": f"horizon-{i}"} for i, row in enumerate(rows, 1)]
+    period = sum(r['source'] == 'period' for r in rows)
     log(f"--horizon_examples {cfg.horizon_examples}: {len(rows)} examples added from {persona.file.name} "
-        f"({sum(r['source'] == 'horizon' for r in rows)} questions about later years, "
-        f"{sum(r['source'] == 'period' for r in rows)} period facts)")
+        f"({sum(r['source'] == 'horizon' for r in rows)} questions about later years, {period} period facts"
+        + (f", the {len(own)} the model knows in its own words from {cfg.period_answers})" if own is not None else ")"))
     combined = hashlib.sha256((data_hash + json.dumps([r["messages"] for r in rows])).encode()).hexdigest()
     return dataclasses.replace(report, examples=report.examples + added, turns=report.turns + 3 * len(rows)), combined
 
