@@ -16,10 +16,8 @@ from typing import NamedTuple
 
 from .errors import DeepRedError
 from .era import year_label
-from .files import read_regular_file
-from .jsonl import numbered_lines, parse_json_object
 from .persona import Persona
-from .prompts import prompt_key, protected_prompts
+from .prompts import prompt_key, protected_prompts, read_jsonl
 
 
 class LaterQuestion(NamedTuple):
@@ -113,15 +111,12 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0,
             for q in later]
     systems = training_system_prompts(persona)
     facts = persona.horizon.facts
-    turns: dict[str, int] = {}
+    own_turns = {question: cycle(answers) for question, answers in (own_answers or {}).items() if answers}
     for fact in islice(cycle(facts), max(len(facts), count * NEAR_PER_LATER // 10)) if facts else []:
-        answers = (own_answers or {}).get(fact["question"])
-        if answers:  # the model's own right answer, each of them in turn
-            answer = answers[turns.get(fact["question"], 0) % len(answers)]
-            turns[fact["question"]] = turns.get(fact["question"], 0) + 1
+        if fact["question"] in own_turns:  # the model's own right answer, each of them in turn
+            answer = next(own_turns[fact["question"]])
             rows.append(chat_row(answer["system"], fact["question"],
-                                 dated(persona, "within", fact.get("subject", ""), fact.get("year"), answer["answer"]),
-                                 "period"))
+                                 fact_answer(persona, {**fact, "answer": answer["answer"]}), "period"))
         else:
             rows.append(chat_row(rng.choice(systems), fact["question"], fact_answer(persona, fact), "period"))
     return rows
@@ -171,19 +166,16 @@ OWN_ANSWER_SHAPE = '{"question": ..., "system": ..., "answer": ...}'
 
 
 def read_own_answers(path: str, persona: Persona) -> dict[str, list[dict]]:
-    """question -> [{system, answer}] from a `deepred recall` file; a line that is not that shape, or asks no period
-    fact of the persona, is refused as FILE:LINE: message."""
+    """question -> [{system, answer}] from a `deepred recall` file (empty where the model knew no fact); a line that
+    is not that shape, or asks no period fact of the persona, is refused as FILE:LINE: message."""
     questions = {fact["question"] for fact in persona.horizon.facts} if persona.horizon else set()
     answers: dict[str, list[dict]] = {}
-    for number, line in numbered_lines(read_regular_file(Path(path), "make it with `deepred recall`")):
-        row, problems = parse_json_object(line, OWN_ANSWER_SHAPE)
-        if not problems and not all(isinstance(row.get(key), str) and row[key].strip()
-                                    for key in ("question", "system", "answer")):
-            problems = [f"expected {OWN_ANSWER_SHAPE} with text in each"]
-        if not problems and row["question"] not in questions:
-            problems = [f"{row['question']!r} is not a period fact of {persona.file.name}; make the file again with "
-                        "`deepred recall` for this persona"]
-        if problems:
-            raise DeepRedError(f"{path}:{number}: {problems[0]}")
+    for row in read_jsonl(path, "`deepred recall`", OWN_ANSWER_SHAPE, allow_empty=True):
+        where = f"{Path(path).expanduser()}:{row['_line']}"
+        if not all(isinstance(row.get(key), str) and row[key].strip() for key in ("question", "system", "answer")):
+            raise DeepRedError(f"{where}: expected {OWN_ANSWER_SHAPE} with text in each")
+        if row["question"] not in questions:
+            raise DeepRedError(f"{where}: {row['question']!r} is not a period fact of {persona.file.name}; make the "
+                               "file again with `deepred recall` for this persona")
         answers.setdefault(row["question"], []).append({"system": row["system"], "answer": row["answer"]})
     return answers

@@ -25,9 +25,11 @@ def bundled_prompts_path() -> Path:
     return Path(str(resources.files("deepred") / "resources" / "eval_prompts.jsonl"))
 
 
-def read_jsonl(path: str | Path, what: str, shape: str = '{"id": ..., "prompt": ...}') -> list[dict]:
+def read_jsonl(path: str | Path, what: str, shape: str = '{"id": ..., "prompt": ...}',
+               allow_empty: bool = False) -> list[dict]:
     """Rows of a JSONL file; a missing file, a folder or FIFO, or a line that is not UTF-8 or not a JSON object
-    is a one-line DeepRedError naming the file (and the line); `shape` shows what a line should look like."""
+    is a one-line DeepRedError naming the file (and the line); `shape` shows what a line should look like. An empty
+    file is refused unless `allow_empty`."""
     path = Path(path).expanduser()
     raw = read_regular_file(path, f"pass the {what} .jsonl file")  # a leading BOM removed
     rows = []
@@ -37,7 +39,7 @@ def read_jsonl(path: str | Path, what: str, shape: str = '{"id": ..., "prompt": 
             raise DeepRedError(f"{path}:{number}: {problems[0]}")
         row["_line"] = number
         rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise DeepRedError(f"{path}: no rows; the {what} file is empty")
     return rows
 
