@@ -72,6 +72,8 @@ class TrainConfig(Checked):
     lora_r: int = opt(32, "LoRA rank")
     lora_alpha: int = opt(64, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_targets: str = opt("all", "modules LoRA adapts: all (every attention and MLP projection), attention, mlp, "
+                                   "or module names such as q_proj,v_proj")
     use_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (CUDA + bitsandbytes)")
     use_8bit: bool = opt(False, "load the base model in 8-bit (CUDA + bitsandbytes)")
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from", role="invocation")

@@ -13,12 +13,14 @@ from ..errors import DeepRedError
 from ..models.loading import from_pretrained
 from .hardware import Hardware
 
-# LoRA targets by architecture: every attention and MLP projection. Unknown families use PEFT's "all-linear".
+# LoRA targets by architecture: its attention projections, then its MLP projections. Unknown families use PEFT's
+# "all-linear" (and need module names for --lora_targets attention|mlp).
 LORA_TARGETS = {
     **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen2_moe"],
-                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
+                    {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                     "mlp": ["gate_proj", "up_proj", "down_proj"]}),
+    "phi3": {"attention": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
+    "gpt2": {"attention": ["c_attn", "attn.c_proj"], "mlp": ["c_fc", "mlp.c_proj"]},
 }
 
 
@@ -60,15 +62,32 @@ def quantization_config(cfg: TrainConfig, hw: Hardware):
                               bnb_4bit_compute_dtype=torch.bfloat16 if hw.bf16 else torch.float16)
 
 
-def lora_targets(model) -> list[str] | str:
-    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+def lora_targets(model, which: str = "all") -> list[str] | str:
+    """The modules LoRA adapts: all (every attention and MLP projection), attention, mlp, or a comma-separated list
+    of module names (checked against the model: PEFT would fail on a name that matches nothing)."""
+    family = LORA_TARGETS.get(getattr(model.config, "model_type", ""))
+    if which in ("all", "attention", "mlp"):
+        if family is None:
+            if which == "all":
+                return "all-linear"
+            raise DeepRedError(f"--lora_targets {which}: deepred does not know which modules of a "
+                               f"'{model.config.model_type}' model are its {which}; name them, e.g. "
+                               "--lora_targets q_proj,v_proj")
+        return family["attention"] + family["mlp"] if which == "all" else list(family[which])
+    names = [name.strip() for name in which.split(",") if name.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in names if name.rsplit(".", 1)[-1] not in present]
+    if not names or missing:
+        raise DeepRedError(f"--lora_targets {which}: {', '.join(missing) or 'no module'} not found in this model; "
+                           "use all, attention, mlp or module names such as q_proj,v_proj")
+    return names
 
 
 def lora_config(cfg: TrainConfig, model):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=lora_targets(model),
+                      task_type="CAUSAL_LM", target_modules=lora_targets(model, cfg.lora_targets),
                       modules_to_save=modules_to_save(cfg, model))
 
 
