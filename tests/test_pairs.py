@@ -158,3 +158,16 @@ def test_only_the_sentence_that_names_the_fact_is_kept_and_an_answer_naming_none
     assert naming_part(answer, ["EINSTEIN"]) == "Albert Einstein proposed it in 1905."  # keys match in any case
     assert naming_part(answer, ["bohr"]) == ""
     assert naming_part("", ["einstein"]) == ""
+
+
+def test_cache_key_follows_the_llama_cpp_version(tiny_model, tmp_path, monkeypatch):
+    """Answers llama.cpp generated are reused only by the same llama-cpp-python: an upgrade can change them."""
+    import deepred.pairs as pairs
+
+    monkeypatch.setenv("DEEPRED_CACHE", str(tmp_path / "cache"))
+    cfg = PairsConfig(output=str(tmp_path / "pairs.jsonl"), base_model=str(tiny_model))
+    persona = load_persona(None)
+    folder = job_folder(cfg, persona, job="recall")
+    assert job_folder(cfg, persona, job="recall") == folder
+    monkeypatch.setattr(pairs, "llama_cpp_version", lambda: "0.0.0-another-build")
+    assert job_folder(cfg, persona, job="recall") != folder

@@ -21,6 +21,17 @@ from .errors import DeepRedError
 _params_lock = threading.RLock()
 
 
+def llama_cpp_version() -> str:
+    """llama-cpp-python's version: part of every cache key of answers llama.cpp generated (an upgrade can change
+    them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @contextlib.contextmanager
 def weight_repacking_disabled() -> Iterator[None]:
     """While active, every llama-cpp-python model is created with `use_extra_bufts = False`.

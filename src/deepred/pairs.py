@@ -37,6 +37,7 @@ from .evaluate.text import sentences
 from .export.convert import convert
 from .files import file_sha256, hash_path, write_atomic
 from .horizon import horizon_pairs, period_pairs, training_system_prompts
+from .llama_runtime import llama_cpp_version
 from .models.cache import cache_dir
 from .models.registry import local_model_dir
 from .persona import Persona, load_persona
@@ -83,7 +84,8 @@ def job_folder(cfg: PairsConfig | RecallConfig, persona: Persona, **inputs) -> P
     conversation, so asking for more pairs generates only the new ones."""
     base = Path(local_model_dir(cfg.base_model))
     identity = {"base": hash_path(base, ignore=frozenset({"README.md"})), "persona": file_sha256(persona.file),
-                "max_tokens": cfg.max_tokens, "quant_type": cfg.quant_type, **inputs}
+                "max_tokens": cfg.max_tokens, "quant_type": cfg.quant_type, "llama_cpp": llama_cpp_version(),
+                **inputs}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "pairs" / digest
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..config import ConvertConfig, EvalConfig
@@ -20,6 +19,7 @@ from ..evaluate import evaluate, load_responses, write_report
 from ..evaluate.report_text import sets_html
 from ..export.convert import convert
 from ..files import file_sha256, write_atomic
+from ..llama_runtime import llama_cpp_version
 from ..models.cache import cache_dir
 from ..models.registry import local_model_dir
 from ..persona import Persona, load_persona
@@ -90,13 +90,10 @@ def _server(run: Run, ask_base: bool) -> ServerHandle:
 
 def base_answers_file(run: Run, persona: Persona, prompts: Path) -> Path:
     """Where the base model's answers to `prompts` are kept: named by everything that decides them."""
-    try:
-        llama = version("llama-cpp-python")
-    except PackageNotFoundError:
-        llama = "unknown"
     identity = {"base": model_identity(run.base_model), "quant_type": run.cfg.quant_types[0],
                 "prompts": file_sha256(prompts), "persona": file_sha256(persona.file),
-                "max_tokens": run.cfg.eval_max_tokens, "temperature": EvalConfig().temperature, "llama_cpp": llama}
+                "max_tokens": run.cfg.eval_max_tokens, "temperature": EvalConfig().temperature,
+                "llama_cpp": llama_cpp_version()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "base-answers" / f"{digest}.jsonl"
 
