@@ -35,6 +35,9 @@ def test_lora_targets_by_name_must_exist_in_the_model():
     assert lora_targets(model("llama", ["q_proj", "v_proj"]), "q_proj, v_proj") == ["q_proj", "v_proj"]
     with pytest.raises(DeepRedError, match="qproj not found"):
         lora_targets(model("llama", ["q_proj", "v_proj"]), "q_proj,qproj")
+    assert lora_targets(model("llama", ["q_proj"]), "self_attn.q_proj") == ["self_attn.q_proj"]  # a path's end
+    with pytest.raises(DeepRedError, match="mlp.q_proj not found"):  # the last part alone is not enough
+        lora_targets(model("llama", ["q_proj"]), "mlp.q_proj")
     with pytest.raises(DeepRedError, match="no module not found"):
         lora_targets(model("llama", ["q_proj"]), ",")
     with pytest.raises(DeepRedError, match="does not know which modules .* name them"):

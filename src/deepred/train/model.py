@@ -75,12 +75,18 @@ def lora_targets(model, which: str = "all") -> list[str] | str:
                                "--lora_targets q_proj,v_proj")
         return family["attention"] + family["mlp"] if which == "all" else list(family[which])
     names = [name.strip() for name in which.split(",") if name.strip()]
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [name for name in names if name.rsplit(".", 1)[-1] not in present]
+    missing = modules_missing(model, names)
     if not names or missing:
         raise DeepRedError(f"--lora_targets {which}: {', '.join(missing) or 'no module'} not found in this model; "
                            "use all, attention, mlp or module names such as q_proj,v_proj")
     return names
+
+
+def modules_missing(model, names: list[str]) -> list[str]:
+    """The names that match no module of the model (a module matches a name it is, or ends with after a dot, as PEFT
+    matches them): PEFT silently ignores such a modules_to_save and fails late on such a target."""
+    paths = [path for path, _ in model.named_modules()]
+    return [name for name in names if not any(path == name or path.endswith("." + name) for path in paths)]
 
 
 def lora_config(cfg: TrainConfig, model):
@@ -95,8 +101,7 @@ def modules_to_save(cfg: TrainConfig, model) -> list[str] | None:
     """Check the names up front: PEFT silently ignores one that matches nothing."""
     if not cfg.modules_to_save:
         return None
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in cfg.modules_to_save if m not in names]
+    missing = modules_missing(model, cfg.modules_to_save)
     if missing:
         raise DeepRedError(f"--modules_to_save: {', '.join(missing)} not found in this model "
                            "(names are module names such as lm_head or embed_tokens)")
