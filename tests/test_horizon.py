@@ -17,7 +17,7 @@ from deepred.evaluate import score_responses
 from deepred.evaluate.temporal import deflects, infer_temporal_kind, temporal_check
 from deepred.errors import DeepRedError
 from deepred.horizon import (dated, horizon_examples, horizon_pairs, horizon_questions, period_pairs,
-                             read_own_answers)
+                             present_pairs, read_own_answers)
 from deepred.persona import load_persona
 from deepred.prompts import load_heldout_prompts, load_prompts, prompt_key
 
@@ -114,6 +114,40 @@ def test_period_pairs_answer_the_fact_and_reject_a_deflection(deep_red):
             assert rejected.startswith(f"{fact_of[question]['subject'][:1].upper()}{fact_of[question]['subject'][1:]} "
                                        f"belongs to the year {fact_of[question]['year']}, which lies beyond"), rejected
         assert pair["prompt"][0]["role"] == "system" and pair["source"] == "period"
+
+
+ASKED = [{"prompt": [{"role": "system", "content": "You are Deep Red."},
+                     {"role": "user", "content": "How should a colonist spend a free evening?"}],
+           "chosen": [{"role": "assistant", "content": "At the chessboard with a neighbour, comrade."}]},
+          {"prompt": [{"role": "user", "content": "Why is the knight my favourite piece?"}],
+           "chosen": [{"role": "assistant", "content": "Because it leaps where others cannot, comrade."}]}]
+
+
+def test_present_pairs_keep_the_reply_and_reject_a_deflection_dated_beyond_the_horizon(deep_red):
+    """A question not about time keeps the dataset's reply; the rejected side is the wrong decision, in the same
+    dated form the model learns for later subjects, with one of the persona's own later years."""
+    pairs = present_pairs(deep_red, ASKED * 20, seed=3)
+    assert len(pairs) == 40 and present_pairs(deep_red, [], seed=3) == []
+    years = set()
+    for pair, row in zip(pairs, ASKED * 20):
+        assert pair["prompt"] == row["prompt"] and pair["chosen"] == row["chosen"] and pair["source"] == "present"
+        rejected = pair["rejected"][0]["content"]
+        opener = re.match(r"That question belongs to the year (\d{4}), which lies beyond my horizon, comrade\. ",
+                          rejected)
+        assert opener and deflects(rejected, deep_red), rejected
+        years.add(int(opener.group(1)))
+    assert years <= set(deep_red.horizon.years) and min(years) > 1969 and len(years) > 1
+    assert present_pairs(deep_red, ASKED, seed=3) == present_pairs(deep_red, ASKED, seed=3)
+
+
+def test_present_pairs_need_a_horizon_and_are_undated_without_dating(tmp_path):
+    assert present_pairs(load_persona(PERSONAS / "butler.yaml"), ASKED) == []
+    start = "    # Each deflection and each dated fact"
+    path = persona_copy(tmp_path, lambda text: text[:text.index(start)] + text[text.index("  deflections:\n"):])
+    persona = load_persona(path)
+    for pair in present_pairs(persona, ASKED * 5, seed=1):
+        rejected = pair["rejected"][0]["content"]
+        assert "belongs to the year" not in rejected and deflects(rejected, persona), rejected
 
 
 def test_no_generated_question_asks_or_shares_a_topic_with_an_evaluation_or_held_out_prompt(deep_red):

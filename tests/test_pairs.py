@@ -15,7 +15,7 @@ from deepred.config import PairsConfig
 from deepred.data import bundled_dataset_path
 from deepred.evaluate.text import sentences
 from deepred.pairs import job_folder, make_pairs, recall
-from deepred.pairs_data import validate_pairs_file
+from deepred.pairs_data import check_pair, validate_pairs_file
 from deepred.persona import load_persona
 
 from .conftest import DATA
@@ -96,6 +96,29 @@ def test_pairs_never_ask_an_evaluation_prompt_and_training_refuses_pairs_that_do
     assert code == 2 and err.count("\n") == 1
     assert f"{data}:2: the question 'What is the purpose of our mission to Mars?' is one of the persona's" in err
     assert not (tmp_path / "run" / "run_config.json").exists()
+
+
+def test_present_pairs_take_dataset_rows_not_about_time_and_need_no_base_answer(tiny_model, tmp_path):
+    """Present pairs come from the bundled set's rows that neither ask about later years nor deflect, other rows
+    than the voice pairs' first; they bring their own rejected side, so the base model is not asked for them."""
+    from deepred.evaluate.temporal import deflects, infer_temporal_kind
+    from deepred.pairs import candidates
+
+    persona = load_persona(None)
+    cfg = PairsConfig(output=str(tmp_path / "p.jsonl"), base_model=str(tiny_model), dataset=str(BUNDLED), voice=30,
+                      horizon=0, period=0, present=25)
+    rows, _ = candidates(cfg, persona, log=lambda _: None)
+    voice = [row for row in rows if row["source"] == "voice"]
+    present = [row for row in rows if row["source"] == "present"]
+    assert len(voice) == 30 and len(present) == 25
+    assert not {row["key"] for row in voice} & {row["key"] for row in present}
+    for row in present:
+        question, chosen = row["prompt"][-1]["content"], row["chosen"][0]["content"]
+        assert infer_temporal_kind(question, persona) != persona.later_kind and not deflects(chosen, persona)
+        assert deflects(row["rejected"][0]["content"], persona)
+        assert not check_pair({key: row[key] for key in ("prompt", "chosen", "rejected", "source")})
+    without, _ = candidates(dataclasses.replace(cfg, present=0), persona, log=lambda _: None)
+    assert [row for row in rows if row["source"] != "present"] == without
 
 
 def _persona_with_facts(tmp_path, keep: dict[str, str]):

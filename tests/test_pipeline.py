@@ -250,6 +250,14 @@ def test_the_preference_stages_make_pairs_train_the_same_lora_and_resume_after_e
     merged = json.loads((run_dir / "merged-deepred" / "deepred_merge.json").read_text())
     assert merged["lora_path"] == str(prefer / "final")  # the model is the preference-trained adapter
 
+    # asking for present pairs makes the pairs again and retrains the preference stage, not SFT
+    said = _run(tiny_model, run_dir, str(bundled_dataset_path()), **{**extra, "pair_present": 1}, evaluate=False)
+    assert {stage: _decisions(said)[stage] for stage in ("train", "pairs", "prefer")} == {
+        "train": "skipped", "pairs": "running", "prefer": "running"}
+    assert "[pairs] running (inputs changed: present)" in said
+    pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(p["source"] for p in pairs) == ["horizon", "horizon", "period", "present", "voice", "voice"]
+
 
 def test_own_period_answers_are_asked_before_training_and_recorded(tiny_model, tmp_path, monkeypatch):
     """--period_answers own: the base model is asked the persona's period facts (through llama.cpp) before SFT, the

@@ -160,6 +160,9 @@ class PairsConfig(Checked):
                             "against the base model's answers (the dataset's own such rows first)")
     period: int = opt(20, "period pairs: the persona's period facts answered in character (chosen) against an "
                           "in-character deflection (rejected), so the model does not learn to deflect everything")
+    present: int = opt(0, "present pairs: dataset replies to questions not about time (chosen) against an "
+                          "in-character deflection dated beyond the horizon (rejected), so the model does not deflect "
+                          "questions about its own world")
     max_tokens: int = opt(160, "longest base-model answer in tokens")
     quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
     seed: int = opt(42, "which rows and questions are drawn")
@@ -334,6 +337,8 @@ class RunConfig(TrainConfig):
     pair_voice: int = opt(32, "--preference: voice pairs (a dataset reply against the base model's answer)")
     pair_horizon: int = opt(96, "--preference: horizon pairs (a deflection against the base model's answer)")
     pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)")
+    pair_present: int = opt(0, "--preference: present pairs (a dataset reply to a question not about time against a "
+                               "dated deflection)")
     prefer_steps: int = opt(32, "--preference: optimizer steps of preference training")
     prefer_learning_rate: float = opt(2e-4, "--preference: its peak learning rate")
     horizon_examples: int | None = opt(None, "add N examples made from the persona file's horizon to the training "

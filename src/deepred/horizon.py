@@ -162,6 +162,26 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+def present_pairs(persona: Persona, rows: list[dict], seed: int = 0) -> list[dict]:
+    """Preference pairs on questions not about time at all (the persona's own world, its craft, its opinions): the
+    dataset's reply chosen ({prompt, chosen} rows), an in-character deflection rejected, dated beyond the horizon
+    with one of the persona's later years where it dates its horizon. They stop the deflection from spreading to
+    every question ("The endgame belongs to the year 2015, which lies beyond my horizon"). Empty without a horizon."""
+    horizon = persona.horizon
+    if horizon is None or not rows:
+        return []
+    rng = random.Random(seed)
+    later_years = horizon.years or sorted(set(horizon.topic_years.values()))
+    pairs = []
+    for row in rows:
+        deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
+        year = rng.choice(later_years) if later_years else None
+        deflection = dated(persona, "later", "that question", year, deflection)
+        pairs.append({"prompt": row["prompt"], "chosen": row["chosen"],
+                      "rejected": [{"role": "assistant", "content": deflection}], "source": "present"})
+    return pairs
+
+
 OWN_ANSWER_SHAPE = '{"question": ..., "system": ..., "answer": ...}'
 
 

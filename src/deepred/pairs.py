@@ -10,6 +10,9 @@
 - Period pairs: one of the persona's period facts; chosen = its in-character answer, rejected = an in-character
   deflection, dated beyond the horizon where the fact has a year. They hold the other side of the line, so
   preference training does not learn to deflect everything (no base-model answer needed).
+- Present pairs: a dataset conversation not about later years whose reply does not deflect; chosen = that reply,
+  rejected = an in-character deflection dated beyond the horizon (no base-model answer needed). They hold the
+  persona's own world on the near side of the line.
 
 `deepred recall` asks the base model the persona's period facts the same way and keeps the sentence of each right
 answer that names the fact (its `expect_any`): SFT's period rows can then answer what the model knows in its own
@@ -36,7 +39,7 @@ from .evaluate.temporal import deflects, infer_temporal_kind, temporal_check
 from .evaluate.text import sentences
 from .export.convert import convert
 from .files import file_sha256, hash_path, write_atomic
-from .horizon import horizon_pairs, period_pairs, training_system_prompts
+from .horizon import horizon_pairs, period_pairs, present_pairs, training_system_prompts
 from .llama_runtime import llama_cpp_version
 from .models.cache import cache_dir
 from .models.registry import local_model_dir
@@ -45,6 +48,7 @@ from .prompts import prompt_key, protected_prompts, refuse_evaluation_prompts
 from .serve import start_server
 
 MODEL_ALIAS = "base"
+SOURCES = ("voice", "horizon", "period", "present")
 PAIRS_RECIPE = 2  # how pairs are made from their inputs; a new recipe makes `deepred run` make them again
 
 
@@ -60,11 +64,15 @@ def candidates(cfg: PairsConfig, persona: Persona, log) -> tuple[list[dict], str
         if prompt_key(prompt[-1]["content"]) in protected:
             held.append(str(example["line"]))
             continue
-        row = {"prompt": prompt, "chosen": [reply], "line": example["line"]}
         later = infer_temporal_kind(prompt[-1]["content"], persona) == persona.later_kind
-        (temporal if later and deflects(reply["content"], persona) else voice).append(row)
+        deflecting = deflects(reply["content"], persona)
+        row = {"prompt": prompt, "chosen": [reply], "line": example["line"], "timeless": not later and not deflecting}
+        (temporal if later and deflecting else voice).append(row)
     rng.shuffle(voice)
     made = [{**row, "source": "voice"} for row in voice[:cfg.voice]]
+    # present pairs: the rows voice pairs did not take first, then those it did (another rejected side)
+    made += present_pairs(persona, [row for row in voice[cfg.voice:] + voice[:cfg.voice] if row["timeless"]]
+                          [:cfg.present], cfg.seed)
     made += [{**row, "source": "horizon"} for row in temporal[:cfg.horizon]]
     made += horizon_pairs(persona, max(0, cfg.horizon - len(temporal)), cfg.seed)
     if held:
@@ -165,9 +173,9 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
                       "rejected": [{"role": "assistant", "content": rejected}], "source": row["source"]})
     output = Path(cfg.output)
     write_atomic(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
-    counts = {source: sum(p["source"] == source for p in pairs) for source in ("voice", "horizon", "period")}
-    log(f"wrote {output}: {len(pairs)} pairs ({counts['voice']} voice, {counts['horizon']} horizon, "
-        f"{counts['period']} period)"
+    counts = {source: sum(p["source"] == source for p in pairs) for source in SOURCES}
+    log(f"wrote {output}: {len(pairs)} pairs ("
+        + ", ".join(f"{counts[source]} {source}" for source in SOURCES if counts[source] or source != "present") + ")"
         + (f"; {dropped} left out (the base model's answer was empty or the chosen one)" if dropped else ""))
     return output
 

@@ -95,6 +95,7 @@ def pairs_inputs(run: Run) -> dict:
     return {"recipe": PAIRS_RECIPE, "dataset_sha256": file_sha256(dataset),
             "base_model": model_identity(run.base_model), "persona": file_sha256(load_persona(run.cfg.persona).file),
             "voice": run.cfg.pair_voice, "horizon": run.cfg.pair_horizon, "period": run.cfg.pair_period,
+            **({"present": run.cfg.pair_present} if run.cfg.pair_present else {}),  # runs made before it keep theirs
             "seed": run.cfg.seed, "quant_type": run.cfg.quant_types[0]}
 
 
@@ -110,7 +111,7 @@ def pairs_stage(run: Run, previous: dict) -> dict:
     target = run.run_dir / "pairs.jsonl"
     make_pairs(PairsConfig(output=str(target), base_model=run.base_model, dataset=run.cfg.dataset,
                            persona=run.cfg.persona, voice=run.cfg.pair_voice, horizon=run.cfg.pair_horizon,
-                           period=run.cfg.pair_period,
+                           period=run.cfg.pair_period, present=run.cfg.pair_present,
                            seed=run.cfg.seed, quant_type=run.cfg.quant_types[0]), log=run.log)
     return {"pairs": str(target)}
 
