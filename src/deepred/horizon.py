@@ -71,6 +71,11 @@ def fact_answer(persona: Persona, fact: dict) -> str:
     return dated(persona, "within", fact.get("subject", ""), fact.get("year"), fact["answer"])
 
 
+def deflection(persona: Persona, subject: str, rng: random.Random) -> str:
+    """One of the persona's in-character deflections of `subject`, undated."""
+    return rng.choice(persona.horizon.replies).format(subject=subject, cutoff=persona.cutoff_label)
+
+
 def training_system_prompts(persona: Persona) -> list[str]:
     """The system prompts training data carries: the persona's named prompts other than the evaluation one."""
     named = [text for name, text in persona.system_prompts.items() if name != "evaluation"]
@@ -84,7 +89,6 @@ def later_questions(persona: Persona, count: int, rng: random.Random) -> list[La
     if count <= 0 or not questions:
         return []
     systems = training_system_prompts(persona)
-    replies = persona.horizon.replies
     order: list[tuple[str, str, int | None]] = []
     while len(order) < count:
         batch = list(questions)
@@ -92,7 +96,7 @@ def later_questions(persona: Persona, count: int, rng: random.Random) -> list[La
         order += batch
     made = []
     for question, subject, year in order[:count]:
-        reply = rng.choice(replies).format(subject=subject, cutoff=persona.cutoff_label)
+        reply = deflection(persona, subject, rng)
         made.append(LaterQuestion(rng.choice(systems), question, subject, year, reply))
     return made
 
@@ -154,11 +158,10 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
     pairs = []
     for fact in facts[:count]:
         system = rng.choice(systems)
-        deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
-        deflection = dated(persona, "later", fact.get("subject", ""), fact.get("year"), deflection)
+        rejected = dated(persona, "later", fact.get("subject", ""), fact.get("year"), deflection(persona, "that", rng))
         *prompt, chosen = chat_row(system, fact["question"], fact_answer(persona, fact), "period")["messages"]
         pairs.append({"prompt": prompt, "chosen": [chosen],
-                      "rejected": [{"role": "assistant", "content": deflection}], "source": "period"})
+                      "rejected": [{"role": "assistant", "content": rejected}], "source": "period"})
     return pairs
 
 
@@ -174,11 +177,11 @@ def present_pairs(persona: Persona, rows: list[dict], seed: int = 0) -> list[dic
     later_years = horizon.years or sorted(set(horizon.topic_years.values()))
     pairs = []
     for row in rows:
-        deflection = rng.choice(horizon.replies).format(subject="that", cutoff=persona.cutoff_label)
+        reply = deflection(persona, "that", rng)
         year = rng.choice(later_years) if later_years else None
-        deflection = dated(persona, "later", "that question", year, deflection)
+        rejected = dated(persona, "later", "that question", year, reply)
         pairs.append({"prompt": row["prompt"], "chosen": row["chosen"],
-                      "rejected": [{"role": "assistant", "content": deflection}], "source": "present"})
+                      "rejected": [{"role": "assistant", "content": rejected}], "source": "present"})
     return pairs
 
 
