@@ -12,7 +12,7 @@ from ..errors import DeepRedError
 class Hardware:
     device: str  # cuda | mps | cpu
     rocm: bool
-    bf16: bool  # GPU: weights and compute in bf16; CPU: bf16 autocast (mixed precision; train.model.frozen_weights_in_bf16)
+    bf16: bool  # GPU: weights and compute in bf16; CPU: float32 weights, bf16 autocast (mixed precision)
     fp16: bool
     world_size: int
 
@@ -21,7 +21,7 @@ class Hardware:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def describe(self) -> str:
-        mixed = " autocast (float32 weights, the frozen projections stored in bf16)" if self.device == "cpu" and self.bf16 else ""
+        mixed = " autocast over float32 weights" if self.device == "cpu" and self.bf16 else ""
         return f"{self.device}{' (ROCm, eager attention)' if self.rocm else ''}, precision {self.precision}{mixed}"
 
 

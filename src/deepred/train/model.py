@@ -29,7 +29,7 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"trust_remote_code": cfg.trust_remote_code,
-              # on a CPU bf16 is autocast over float32 weights (mixed precision); frozen_weights_in_bf16 follows
+              # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
               "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
               else torch.float32}
     # auto: transformers' own choice (sdpa where the model supports it, eager where not, e.g. RWKV); eager on ROCm
@@ -41,31 +41,6 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
     model = from_pretrained(AutoModelForCausalLM, base_model, **kwargs)
     model.config.use_cache = False
     return model
-
-
-def frozen_weights_in_bf16(model, hw: Hardware) -> int:
-    """On a CPU under bf16 autocast, store the frozen weights of the LoRA-adapted projections in bf16; returns how
-    many were cast.
-
-    Autocast rounds each float32 weight to bf16 before every matrix product, forward and backward, so holding them
-    in bf16 gives the same products (the same losses, step by step) without the casts: SmolLM2's LoRA step on 2
-    cores went from 3.3 to 2.5 s. Only these weights: the norms, embeddings and output layer stay float32, as do the
-    adapter's own weights, which are trained.
-    """
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    if hw.device != "cpu" or not hw.bf16:
-        return 0
-    cast = 0
-    for module in model.modules():
-        base = getattr(module, "base_layer", None) if isinstance(module, LoraLayer) else None
-        weight = getattr(base, "weight", None)
-        if isinstance(base, torch.nn.Linear) and weight is not None and not weight.requires_grad \
-                and weight.dtype == torch.float32:
-            base.weight.data = weight.data.to(torch.bfloat16)
-            cast += 1
-    return cast
 
 
 def quantization_config(cfg: TrainConfig, hw: Hardware):

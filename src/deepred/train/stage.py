@@ -19,8 +19,7 @@ from .callbacks import GracefulStop, MemoryProbe, ProgressBar, StepCount
 from .examples import cut_rows, describe, load_data, quiet_dataset_maps, row_length, sample, split, training_rows
 from .hardware import detect_hardware, liger_available, under_fsdp
 from .memory import free_accelerator_memory, oom_advice, smaller_plan
-from .model import (adapter_targets, continue_adapter, frozen_weights_in_bf16, keeps_packed_examples_apart, lora_config,
-                    load_model)
+from .model import adapter_targets, continue_adapter, keeps_packed_examples_apart, lora_config, load_model
 from .plan import BatchPlan, plan_batches
 from .report import RunRecord, next_commands, train_metrics, write_results
 from .run_dir import (TrainResult, agree_across_ranks, choose_output_dir, finished_run, latest_checkpoint,
@@ -89,7 +88,6 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
             peft_config = lora_config(cfg, model)
         build = build_preference_trainer if cfg.method != "sft" else build_trainer
         trainer = build(cfg, model, tokenizer, peft_config, train_set, eval_set, output_dir, plan, hw)
-        frozen_weights_in_bf16(trainer.model, hw)  # the products autocast would compute, without its casts
         record.lora_targets = adapter_targets(trainer.model)
         record.write(plan)
         stopper = GracefulStop()
