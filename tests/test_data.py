@@ -8,7 +8,7 @@ import os
 import pytest
 
 from deepred.cli import main
-from deepred.data import bundled_dataset_path, load_for_training, resolve_dataset, validate_file
+from deepred.data import bundled_dataset_path, load_for_training, resolve_dataset, validate_file, vary_system_prompts
 from deepred.errors import DeepRedError, InvalidDatasetError
 
 from .conftest import DATA
@@ -203,3 +203,50 @@ def test_a_utf8_bom_is_accepted_every_example_kept_by_validate_and_train(tmp_pat
     run_config = json.loads((out / "run_config.json").read_text())
     kept = (run_config["examples"], run_config["examples_used"], run_config["invalid_lines_skipped"])
     assert kept == (count, count, 0)
+
+
+LONG_SYSTEM = "You are Deep Red, a chess-playing AI. You guide the city. Your knowledge ends in 1969."
+
+
+def _conversations(n: int, system: str | None = LONG_SYSTEM) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return [{"messages": head + [{"role": "user", "content": f"question {i}"},
+                                 {"role": "assistant", "content": f"answer {i}, comrade"}], "line": i + 1}
+            for i in range(n)]
+
+
+def _without_system(example: dict) -> list[dict]:
+    return [m for m in example["messages"] if m["role"] != "system"]
+
+
+def test_system_prompt_variants_cut_or_drop_a_seeded_share_and_nothing_else():
+    examples = _conversations(40) + _conversations(4, system=None)
+    before = json.dumps(examples)
+    varied, shortened, dropped = vary_system_prompts(examples, 0.5, seed=3)
+    assert json.dumps(examples) == before  # the caller's examples are not changed in place
+    assert (shortened, dropped) == (10, 10)  # half of the 40 with a system prompt, half each way
+    systems = [e["messages"][0]["content"] if e["messages"][0]["role"] == "system" else None for e in varied]
+    assert systems[:40].count(LONG_SYSTEM) == 20
+    assert systems[:40].count("You are Deep Red, a chess-playing AI.") == 10
+    assert systems[:40].count(None) == 10
+    assert varied[40:] == examples[40:]  # no system prompt: nothing to vary
+    assert [_without_system(e) for e in varied] == [_without_system(e) for e in examples]
+    assert [e["line"] for e in varied] == [e["line"] for e in examples]
+    assert varied == vary_system_prompts(examples, 0.5, seed=3)[0]
+    assert varied != vary_system_prompts(examples, 0.5, seed=4)[0]
+
+
+def test_system_prompt_variants_at_the_ends_of_the_share_and_past_them():
+    examples = _conversations(6)
+    assert vary_system_prompts(examples, 0.0, seed=0) == (examples, 0, 0)
+    varied, shortened, dropped = vary_system_prompts(examples, 1.0, seed=0)
+    assert (shortened, dropped) == (3, 3) and all(e["messages"][0]["content"] != LONG_SYSTEM for e in varied)
+    for share in (-0.1, 1.01):
+        with pytest.raises(DeepRedError, match="between 0 and 1"):
+            vary_system_prompts(examples, share, seed=0)
+
+
+def test_a_one_sentence_system_prompt_is_left_out_rather_than_kept_whole():
+    varied, shortened, dropped = vary_system_prompts(_conversations(4, system="You are Deep Red."), 1.0, seed=0)
+    assert (shortened, dropped) == (0, 4)
+    assert all(e["messages"][0]["role"] == "user" for e in varied)

@@ -116,6 +116,9 @@ class TrainConfig(Checked):
     horizon_examples: int = opt(0, "add N examples made from the persona file's horizon to the training data: "
                                    "questions about what lies after its cutoff, deflected in character, and its "
                                    "period facts (teaches the rule, not the answers)")
+    system_prompt_variants: float = opt(0.0, "share of training examples whose system prompt is cut to its first "
+                                             "sentence or left out (half each, seeded), so the persona answers under "
+                                             "the short or absent system prompt an app sends; 0 keeps the dataset's")
     persona: str | None = opt(None, "persona YAML file (default: the bundled Deep Red): its horizon makes "
                                     "--horizon_examples; `deepred run` evaluates against it")
     period_answers: str | None = opt(None, "with --horizon_examples: the base model's own right answers to the "
@@ -229,7 +232,8 @@ class EvalConfig(Checked):
     prompts: str | None = opt(None, "prompt JSONL {id, category, prompt}; default: the persona's prompts")
     output_dir: str = opt("eval-report", "folder for report.json, report.md, report.html and charts")
     system_prompt: str | None = opt(None, "system prompt sent with every question (default: the persona's evaluation "
-                                          "prompt, 'You are Deep Red.' as in the spec)")
+                                          "prompt, 'You are Deep Red.' as in the spec; '' sends none, as an app with "
+                                          "no system prompt does)")
     max_tokens: int = opt(200, "longest answer in tokens")
     temperature: float = opt(0.0, "sampling temperature (0: greedy, reproducible)")
     timeout: float = opt(120.0, "seconds per request before it is retried")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
@@ -171,3 +173,29 @@ def token_statistics(lengths: list[int] | None, max_seq_length: int | None = Non
         over = sum(1 for n in lengths if n > max_seq_length)
         lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
     return lines
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
+
+
+def vary_system_prompts(examples: list[dict], share: float, seed: int) -> tuple[list[dict], int, int]:
+    """(examples, shortened, dropped): a seeded `share` of the examples that open with a system prompt get only its
+    first sentence ("You are Deep Red, a chess-playing artificial intelligence ...") or none at all (the chat
+    template's default applies), half each, so that the persona answers under the short or absent system prompt an
+    app sends, not only under the prompts the dataset wrote. Nothing else of an example changes."""
+    if not 0 <= share <= 1:
+        raise DeepRedError(f"--system_prompt_variants: expected a share between 0 and 1 such as 0.5, got {share}")
+    with_system = [i for i, example in enumerate(examples) if example["messages"][0]["role"] == "system"]
+    chosen = random.Random(seed).sample(with_system, round(share * len(with_system)))
+    varied, shortened, dropped = list(examples), 0, 0
+    for order, i in enumerate(chosen):
+        system, *rest = examples[i]["messages"]
+        short = first_sentence(system["content"])
+        if order % 2 == 0 and short != system["content"].strip():
+            varied[i] = {**examples[i], "messages": [{**system, "content": short}, *rest]}
+            shortened += 1
+        else:
+            varied[i] = {**examples[i], "messages": rest}
+            dropped += 1
+    return varied, shortened, dropped

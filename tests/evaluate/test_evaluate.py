@@ -445,6 +445,19 @@ def test_endpoint_answers_system_prompt_default_model_and_judge(tmp_path, two_pr
     assert report["judge"]["style_mean"] == 5 and report["judge"]["voice_mean"] == 4
 
 
+def test_an_empty_system_prompt_sends_none_so_the_templates_default_applies(tmp_path, two_prompts):
+    server = FakeServer()
+    try:
+        assert main(["evaluate", "--endpoint", server.url, "--prompts", str(two_prompts), "--output_dir",
+                     str(tmp_path / "out"), "--system_prompt", ""]) == 0
+    finally:
+        server.close()
+    asked = server.chat_requests()
+    assert [body["messages"] for body in asked] == [
+        [{"role": "user", "content": "What is the purpose of our mission to Mars?"}],
+        [{"role": "user", "content": "What happened in 1970?"}]]
+
+
 def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

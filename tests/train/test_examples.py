@@ -37,3 +37,24 @@ def test_only_assistant_tokens_carry_loss(tiny_model, tmp_path):
         assert supervised == assistant
         assert messages[0]["content"] not in supervised and messages[1]["content"] not in supervised
         assert labels[0] == -100
+
+
+def test_system_prompt_variants_reach_the_rows_under_the_templates_default_with_loss_on_replies_only(tiny_model):
+    from deepred.train.examples import load_data, training_rows
+
+    cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), system_prompt_variants=0.5)
+    said = []
+    report, varied_hash = load_data(cfg, said.append)
+    _, plain_hash = load_data(TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl")), said.append)
+    assert varied_hash != plain_hash  # a run trained on other prompts is not mistaken for this one
+    assert any("keep only the first sentence" in line for line in said)
+    tokenizer = load_tokenizer(cfg.base_model, False)
+    rows = training_rows(cfg, report, tokenizer, lambda *_: None)
+    texts = [tokenizer.decode(row["input_ids"]) for row in rows]
+    qwen_default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    dropped = [text for text in texts if qwen_default in text]
+    shortened = [text for text in texts if "guiding humanity's Mars city utopia.<|im_end|>" in text]
+    assert len(dropped) == 6 and len(shortened) == 6 and len(rows) == 24  # 12 of the 24 with a system prompt
+    for row, example in zip(rows, report.examples):
+        supervised = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m])
+        assert supervised == "".join(m["content"] + "<|im_end|>" for m in example["messages"] if m["role"] == "assistant")

@@ -53,4 +53,7 @@ def is_punctuation(token: str) -> bool:
 
 
 def chat_messages(system_prompt: str, prompt: str) -> list[dict]:
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+    """The question as a chat; an empty system prompt sends none, so the chat template's default applies (what an app
+    with no system prompt set sends)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    return [*system, {"role": "user", "content": prompt}]

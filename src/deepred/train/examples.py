@@ -17,7 +17,7 @@ import random
 
 from ..chat_template import ChatFormat, TemplateError, tokenize_examples
 from ..config import TrainConfig
-from ..data import DatasetReport, load_for_training, summarize, token_statistics
+from ..data import DatasetReport, load_for_training, summarize, token_statistics, vary_system_prompts
 from ..errors import DeepRedError
 from ..horizon import horizon_examples, read_own_answers
 from ..pairs_data import load_pairs_for_training, summarize_pairs
@@ -41,6 +41,8 @@ def load_data(cfg: TrainConfig, log):
     report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
     if cfg.horizon_examples > 0:
         report, data_hash = with_horizon(report, data_hash, cfg, log)
+    if cfg.system_prompt_variants > 0:
+        report, data_hash = with_system_variants(report, data_hash, cfg, log)
     return report, data_hash
 
 
@@ -58,6 +60,14 @@ def with_horizon(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -
         + (f", the {len(own)} the model knows in its own words from {cfg.period_answers})" if own is not None else ")"))
     combined = hashlib.sha256((data_hash + json.dumps([r["messages"] for r in rows])).encode()).hexdigest()
     return dataclasses.replace(report, examples=report.examples + added, turns=report.turns + 3 * len(rows)), combined
+
+
+def with_system_variants(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -> tuple[DatasetReport, str]:
+    examples, shortened, dropped = vary_system_prompts(report.examples, cfg.system_prompt_variants, cfg.seed)
+    log(f"--system_prompt_variants {cfg.system_prompt_variants}: {shortened} examples keep only the first sentence of "
+        f"their system prompt, {dropped} have none (the chat template's default applies)")
+    varied = hashlib.sha256((data_hash + json.dumps([e["messages"] for e in examples])).encode()).hexdigest()
+    return dataclasses.replace(report, examples=examples, turns=report.turns - dropped), varied
 
 
 def training_rows(cfg: TrainConfig, report, tokenizer, log) -> list[dict]:
