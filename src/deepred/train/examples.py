@@ -58,7 +58,7 @@ def with_horizon(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -
     log(f"--horizon_examples {cfg.horizon_examples}: {len(rows)} examples added from {persona.file.name} "
         f"({sum(r['source'] == 'horizon' for r in rows)} questions about later years, {period} period facts"
         + (f", the {len(own)} the model knows in its own words from {cfg.period_answers})" if own is not None else ")"))
-    combined = hashlib.sha256((data_hash + json.dumps([r["messages"] for r in rows])).encode()).hexdigest()
+    combined = extended_hash(data_hash, rows)
     return dataclasses.replace(report, examples=report.examples + added, turns=report.turns + 3 * len(rows)), combined
 
 
@@ -66,8 +66,12 @@ def with_system_variants(report: DatasetReport, data_hash: str, cfg: TrainConfig
     examples, shortened, dropped = vary_system_prompts(report.examples, cfg.system_prompt_variants, cfg.seed)
     log(f"--system_prompt_variants {cfg.system_prompt_variants}: {shortened} examples keep only the first sentence of "
         f"their system prompt, {dropped} have none (the chat template's default applies)")
-    varied = hashlib.sha256((data_hash + json.dumps([e["messages"] for e in examples])).encode()).hexdigest()
-    return dataclasses.replace(report, examples=examples, turns=report.turns - dropped), varied
+    return dataclasses.replace(report, examples=examples, turns=report.turns - dropped), extended_hash(data_hash, examples)
+
+
+def extended_hash(data_hash: str, examples: list[dict]) -> str:
+    """The data hash once the dataset's examples are added to or changed: a run on other data is not resumed."""
+    return hashlib.sha256((data_hash + json.dumps([e["messages"] for e in examples])).encode()).hexdigest()
 
 
 def training_rows(cfg: TrainConfig, report, tokenizer, log) -> list[dict]:
