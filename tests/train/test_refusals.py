@@ -124,3 +124,16 @@ def test_a_model_that_cannot_keep_packed_examples_apart_trains_on_padded_batches
     assert "RwkvForCausalLM does not build its attention mask from packed positions; padded batches" in said
     assert json.loads((out / "run_config.json").read_text())["batch_plan"]["padding_free"] is False
     assert len(shapes.shapes) == 2 and all(rows == 2 for rows, _ in shapes.shapes), shapes.shapes
+
+
+# --------------------------------------------------------------------------------------------- a share out of range
+
+@pytest.mark.parametrize("share", ["-0.1", "1.01"])
+def test_a_system_prompt_share_outside_0_to_1_is_refused_before_training(tiny_model, tmp_path, capsys, share):
+    """-0.1 was once skipped as "no variants" and trained on the dataset's prompts without a word."""
+    run = tmp_path / "run"
+    assert main(["train", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+                 str(run), "--system_prompt_variants", share, *QUICK]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"error: --system_prompt_variants: expected a share between 0 and 1 such as 0.5, got {float(share)}")
+    assert not list(run.rglob("*.safetensors"))  # nothing trained

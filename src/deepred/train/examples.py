@@ -41,7 +41,7 @@ def load_data(cfg: TrainConfig, log):
     report, data_hash = load_for_training(cfg.dataset, cfg.skip_invalid, log)
     if cfg.horizon_examples > 0:
         report, data_hash = with_horizon(report, data_hash, cfg, log)
-    if cfg.system_prompt_variants > 0:
+    if cfg.system_prompt_variants:  # a negative share must reach the check, not be skipped
         report, data_hash = with_system_variants(report, data_hash, cfg, log)
     return report, data_hash
 
