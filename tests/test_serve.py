@@ -332,3 +332,40 @@ def test_malformed_bodies_get_400_with_a_json_error_not_500(gguf_file, tiny_mode
         status, _, answer = post("/v1/chat/completions", json.dumps(good).encode())
         assert status == 200 and json.loads(answer)["model"] == "base"
         assert server.running()
+
+
+def test_requests_the_app_cannot_use_get_400_naming_the_field_not_500(gguf_file, tiny_model):
+    """llama-cpp-python's app answered a field of the wrong type or shape with 500 "internal_server_error" and a
+    pydantic dump holding the server's file paths (the openai client retries a 500), and a chat request without
+    messages with 200 and text generated from an empty prompt. Each must be 400 naming the field, as OpenAI's API
+    answers; the good request still answers."""
+    user = {"role": "user", "content": "Hello"}
+    cases = [  # (route, body, the field at fault, words the line must hold)
+        ("/v1/chat/completions", {"messages": "Hello"}, "messages", ["list"]),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages[0].role",
+         ["'user'", "'assistant'", "'system'"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content", ["required"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "picture"}]}]},
+         "messages[0].content[0].type", ["'text'", "'image_url'"]),
+        ("/v1/chat/completions", {"messages": [user], "max_tokens": "ten"}, "max_tokens", ["integer"]),
+        ("/v1/chat/completions", {"messages": [user], "temperature": "hot"}, "temperature", ["number"]),
+        ("/v1/chat/completions", {"messages": [user], "stop": 5}, "stop", ["string", "list"]),
+        ("/v1/chat/completions", {}, "messages", ["missing or empty"]),
+        ("/v1/chat/completions", {"messages": []}, "messages", ["missing or empty"]),
+        ("/v1/completions", {"prompt": ["Mars", 5]}, "prompt[1]", ["string"]),
+        ("/v1/embeddings", {"inputs": "Mars"}, "input", ["required"]),
+    ]
+    with S.start_server({"base": gguf_file(tiny_model, "q4_k_m")}, n_ctx=256) as server:
+        with httpx.Client(base_url=server.url.removesuffix("/v1"), timeout=120) as http:
+            for route, body, field, words in cases:
+                answer = http.post(route, json={"model": "base", **body, "max_tokens": body.get("max_tokens", 2)})
+                assert answer.status_code == 400, (body, answer.status_code, answer.text)
+                error = answer.json()["error"]
+                assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_request",
+                                                                          field), (body, error)
+                line = error["message"]
+                assert "\n" not in line and field in line and all(word in line for word in words), (body, line)
+                assert ".py" not in line and "site-packages" not in line, line
+            good = http.post("/v1/chat/completions", json={"model": "base", "messages": [user], "max_tokens": 2})
+            assert good.status_code == 200 and good.json()["model"] == "base"
+        assert server.running()

@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import ServeConfig
 from .errors import DeepRedError
 from .llama_runtime import assert_no_repacking, cpu_threads, die_with_parent, weight_repacking_disabled
+from .serve_requests import RequestFilter
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -115,77 +116,6 @@ def _locked_down(app, names: list[str], cors_origins: list[str]):
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     return RequestFilter(app, names)
-
-
-class RequestFilter:
-    """ASGI middleware in front of llama-cpp-python's app, for POST requests (every one carries a JSON body):
-
-    - a body that is not one JSON object (empty, not UTF-8, cut short, a list) gets 400 and what is wrong with it:
-      the app would answer 500, an error that clients (the openai package, `deepred evaluate`) retry, though the
-      same body fails every time;
-    - a request naming a model that is not served gets 404 and the list of served names.
-    """
-
-    def __init__(self, app, names: list[str]):
-        self.app, self.names = app, names
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        request, problem = parse_body(body)
-        if problem is not None:
-            return await _error(400, problem, "invalid_json")(scope, receive, send)
-        model = request.get("model")
-        if isinstance(model, str) and model not in self.names:
-            return await _error(404, f"model {model!r} is not served here; available: {', '.join(self.names)}",
-                                "model_not_found", available=self.names)(scope, receive, send)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-def parse_body(body: bytes) -> tuple[dict | None, str | None]:
-    """(the request, None), or (None, what is wrong with the body: it must be one JSON object, as every POST route
-    of the app reads one)."""
-    import json
-
-    if not body.strip():
-        return None, "the request body is empty; send a JSON object such as {\"model\": ..., \"messages\": [...]}"
-    try:
-        text = body.decode("utf-8-sig")  # JSON over HTTP is UTF-8 (RFC 8259); a BOM is tolerated, as the app does
-    except UnicodeDecodeError as exc:
-        return None, f"the request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8"
-    try:
-        request = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, (f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                      "send one complete JSON object")
-    except RecursionError:
-        return None, "the request body is JSON nested too deeply to read; send a flatter JSON object"
-    if not isinstance(request, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(request), "a number")
-        return None, f"the request body is {kind} in JSON, not an object; send one JSON object"
-    return request, None
-
-
-def _error(status: int, message: str, code: str, **extra):
-    """An OpenAI-style error response."""
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code, **extra}},
-                        status_code=status)
 
 
 def _llama_proxy():
