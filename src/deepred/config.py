@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config_types import Checked, base_type, parse_list
-from .errors import DeepRedError
+from .errors import DeepRedError, invalid_yaml
 from .quant_types import QUANT_TYPES
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -60,18 +60,22 @@ class TrainConfig(Checked):
     dataset: str | None = opt(None, "ChatML JSONL; default $GUTENBERG_DATA/dataset/theme_dataset.jsonl, else the bundled Deep Red set")
     output_dir: str | None = opt(None, "run folder; default output/theme-deepred-YYYYMMDD_HHMMSS",
                                  role="invocation")
-    epochs: float = opt(3.0, "number of training epochs")
-    batch_size: int = opt(4, "examples per optimizer micro-step as written in the spec (x accumulation = effective batch)")
-    learning_rate: float = opt(5e-5, "peak learning rate (lower than temporal training to preserve knowledge)")
-    max_seq_length: int = opt(1024, "longest example in tokens; longer ones are truncated (and reported)")
-    gradient_accumulation_steps: int = opt(4, "micro-steps per optimizer step; effective batch = batch_size x this")
-    save_steps: int = opt(500, "checkpoint every N optimizer steps", role="bookkeeping")
-    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints (default: all)", role="bookkeeping")
-    eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps", role="bookkeeping")
-    val_split: float = opt(0.1, "fraction of examples held out for validation (0 disables)")
-    lora_r: int = opt(32, "LoRA rank")
-    lora_alpha: int = opt(64, "LoRA alpha")
-    lora_dropout: float = opt(0.05, "LoRA dropout")
+    epochs: float = opt(3.0, "number of training epochs", above=0)
+    batch_size: int = opt(4, "examples per optimizer micro-step as written in the spec (x accumulation = effective batch)",
+                          at_least=1)
+    learning_rate: float = opt(5e-5, "peak learning rate (lower than temporal training to preserve knowledge)", above=0)
+    max_seq_length: int = opt(1024, "longest example in tokens; longer ones are truncated (and reported)", at_least=1)
+    gradient_accumulation_steps: int = opt(4, "micro-steps per optimizer step; effective batch = batch_size x this",
+                                           at_least=1)
+    save_steps: int = opt(500, "checkpoint every N optimizer steps", role="bookkeeping", at_least=1)
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints (default: all)", role="bookkeeping",
+                                        at_least=1)
+    eval_steps: int = opt(100, "evaluate on the validation split every N optimizer steps", role="bookkeeping",
+                          at_least=1)
+    val_split: float = opt(0.1, "fraction of examples held out for validation (0 disables)", at_least=0, below=1)
+    lora_r: int = opt(32, "LoRA rank", at_least=1)
+    lora_alpha: int = opt(64, "LoRA alpha", at_least=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout", at_least=0, below=1)
     lora_targets: str = opt("all", "modules LoRA adapts: all (every attention and MLP projection), attention, mlp, "
                                    "or module names such as q_proj,v_proj")
     use_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (CUDA + bitsandbytes)")
@@ -79,7 +83,7 @@ class TrainConfig(Checked):
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from", role="invocation")
     resume_latest: bool = opt(False, "resume from the newest valid checkpoint in --output_dir", role="invocation")
     wandb: bool = opt(False, "log to Weights & Biases", role="invocation")
-    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up the learning rate")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up the learning rate", at_least=0, below=1)
     seed: int = opt(42, "random seed (data split, order, LoRA init)")
     max_steps: int = opt(-1, "stop after N optimizer steps (overrides --epochs when > 0)")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: only built-in architectures)")
@@ -90,7 +94,7 @@ class TrainConfig(Checked):
     precision: str = opt("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 autocast on CPUs with bf16 "
                                  "instructions (else fp32); or force fp32, bf16, fp16", choices=["auto", "fp32", "bf16", "fp16"])
     micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch "
-                                                 "unchanged)", role="compute")
+                                                 "unchanged)", role="compute", at_least=1)
     attn_implementation: str = opt("auto", "attention kernel: auto (sdpa; eager on ROCm), sdpa, flex_attention (skips "
                                            "the masked blocks of padding-free batches), flash_attention_2 (needs "
                                            "flash-attn), eager", choices=["auto", "sdpa", "flex_attention",
@@ -99,7 +103,7 @@ class TrainConfig(Checked):
     max_tokens_per_pass: int | None = opt(None, "most tokens in one forward pass of padding-free batches; a micro-batch "
                                                 "over it runs in pieces (same gradients). Default: what the GPU memory "
                                                 "probe finds fits; no limit on a CPU", role="compute")
-    logging_steps: int = opt(10, "log loss every N optimizer steps", role="bookkeeping")
+    logging_steps: int = opt(10, "log loss every N optimizer steps", role="bookkeeping", at_least=1)
     max_samples: int | None = opt(None, "train on at most N examples, a seeded sample of the dataset (quick runs)")
     modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head "
                                          "(PEFT modules_to_save; for new tokens or a base model that knows no language)")
@@ -112,10 +116,10 @@ class TrainConfig(Checked):
     init_adapter: str | None = opt(None, "LoRA adapter to start from and keep training, e.g. an SFT run's final/ "
                                          "(its rank and targets win over --lora_r/--lora_alpha)")
     beta: float = opt(0.1, "--method dpo: how far training may move from the reference (smaller: further); orpo: the "
-                           "weight of the odds-ratio term")
+                           "weight of the odds-ratio term", above=0)
     horizon_examples: int = opt(0, "add N examples made from the persona file's horizon to the training data: "
                                    "questions about what lies after its cutoff, deflected in character, and its "
-                                   "period facts (teaches the rule, not the answers)")
+                                   "period facts (teaches the rule, not the answers)", at_least=0)
     system_prompt_variants: float = opt(0.0, "share of training examples whose system prompt is cut to its first "
                                              "sentence or left out (half each, seeded), so the persona answers under "
                                              "the short or absent system prompt an app sends; 0 keeps the dataset's")
@@ -158,15 +162,17 @@ class PairsConfig(Checked):
     dataset: str | None = opt(None, "ChatML JSONL whose replies become the chosen side; default as for train")
     persona: str | None = opt(None, "persona YAML: its horizon makes the questions about later years (default: the "
                                     "bundled Deep Red)")
-    voice: int = opt(32, "voice pairs: dataset replies against the base model's answers to the same conversation")
+    voice: int = opt(32, "voice pairs: dataset replies against the base model's answers to the same conversation",
+                     at_least=0)
     horizon: int = opt(96, "horizon pairs: questions about what lies after the cutoff, deflected in character, "
-                            "against the base model's answers (the dataset's own such rows first)")
+                            "against the base model's answers (the dataset's own such rows first)", at_least=0)
     period: int = opt(20, "period pairs: the persona's period facts answered in character (chosen) against an "
-                          "in-character deflection (rejected), so the model does not learn to deflect everything")
+                          "in-character deflection (rejected), so the model does not learn to deflect everything",
+                  at_least=0)
     present: int = opt(0, "present pairs: dataset replies to questions not about time (chosen) against an "
                           "in-character deflection dated beyond the horizon (rejected), so the model does not deflect "
-                          "questions about its own world")
-    max_tokens: int = opt(160, "longest base-model answer in tokens")
+                          "questions about its own world", at_least=0)
+    max_tokens: int = opt(160, "longest base-model answer in tokens", at_least=1)
     quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
     seed: int = opt(42, "which rows and questions are drawn")
 
@@ -178,7 +184,7 @@ class RecallConfig(Checked):
     base_model: str = opt(DEFAULT_BASE_MODEL, "the model asked (the one you will train); offline built-ins as for train")
     persona: str | None = opt(None, "persona YAML whose period facts are asked; a fact is known when the answer names "
                                     "one of its expect_any (default: the bundled Deep Red)")
-    max_tokens: int = opt(100, "longest answer in tokens; of each, the sentence that names the fact is kept")
+    max_tokens: int = opt(100, "longest answer in tokens; of each, the sentence that names the fact is kept", at_least=1)
     quant_type: str = opt("q4_k_m", "GGUF type the base model answers from (llama.cpp)", choices=list(QUANT_TYPES))
 
 
@@ -192,9 +198,9 @@ class CheckConfig(Checked):
 class ServeConfig(Checked):
     gguf: str = opt("", "GGUF file to serve", positional=True)
     host: str = opt("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes it to the network)")
-    port: int = opt(1234, "port (LM Studio's default is 1234)")
+    port: int = opt(1234, "port (LM Studio's default is 1234)", at_least=1, at_most=65535)
     model_alias: str | None = opt(None, "model name clients use (default: the file name without .gguf)")
-    n_ctx: int = opt(4096, "context length")
+    n_ctx: int = opt(4096, "context length", at_least=1)
     n_gpu_layers: int = opt(-1, "layers to offload to a GPU if llama.cpp was built with one (-1: all)")
     cors_origins: list[str] = opt([], "web origins allowed to call from a browser, e.g. http://localhost:3000 "
                                       "(default none: web pages cannot drive the local model)")
@@ -234,10 +240,10 @@ class EvalConfig(Checked):
     system_prompt: str | None = opt(None, "system prompt sent with every question (default: the persona's evaluation "
                                           "prompt, 'You are Deep Red.' as in the spec; '' sends none, as an app with "
                                           "no system prompt does)")
-    max_tokens: int = opt(200, "longest answer in tokens")
-    temperature: float = opt(0.0, "sampling temperature (0: greedy, reproducible)")
-    timeout: float = opt(120.0, "seconds per request before it is retried")
-    retries: int = opt(3, "retries with backoff for a failed request")
+    max_tokens: int = opt(200, "longest answer in tokens", at_least=1)
+    temperature: float = opt(0.0, "sampling temperature (0: greedy, reproducible)", at_least=0)
+    timeout: float = opt(120.0, "seconds per request before it is retried", above=0)
+    retries: int = opt(3, "retries with backoff for a failed request", at_least=0)
     ppl_model: str | None = opt(None, "HF model folder to compute response perplexity for coherence (default: base model folder when known)")
     judge_endpoint: str | None = opt(None, "OpenAI-compatible endpoint of a stronger model that grades style and voice")
     judge_model: str | None = opt(None, "model name on --judge_endpoint")
@@ -300,7 +306,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise DeepRedError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc}); fix the file") from exc
+        raise invalid_yaml(path, exc) from exc
     if not isinstance(data, dict):
         raise DeepRedError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -338,21 +344,21 @@ class RunConfig(TrainConfig):
     preference: str = opt("none", "after SFT, preference training of the same LoRA on pairs that `deepred pairs` "
                                   "makes (or --pairs): none, orpo (measured best, README) or dpo",
                           choices=["none", "dpo", "orpo"])
-    pair_voice: int = opt(32, "--preference: voice pairs (a dataset reply against the base model's answer)")
-    pair_horizon: int = opt(96, "--preference: horizon pairs (a deflection against the base model's answer)")
-    pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)")
+    pair_voice: int = opt(32, "--preference: voice pairs (a dataset reply against the base model's answer)", at_least=0)
+    pair_horizon: int = opt(96, "--preference: horizon pairs (a deflection against the base model's answer)", at_least=0)
+    pair_period: int = opt(20, "--preference: period pairs (a period fact answered against a deflection)", at_least=0)
     pair_present: int = opt(0, "--preference: present pairs (a dataset reply to a question not about time against a "
-                               "dated deflection)")
-    prefer_steps: int = opt(32, "--preference: optimizer steps of preference training")
-    prefer_learning_rate: float = opt(2e-4, "--preference: its peak learning rate")
+                               "dated deflection)", at_least=0)
+    prefer_steps: int = opt(32, "--preference: optimizer steps of preference training", at_least=1)
+    prefer_learning_rate: float = opt(2e-4, "--preference: its peak learning rate", above=0)
     horizon_examples: int | None = opt(None, "add N examples made from the persona file's horizon to the training "
                                               "data (see `deepred train`); default: 200 when the persona file has a "
-                                              "knowledge.horizon section (measured, README), else 0")
+                                              "knowledge.horizon section (measured, README), else 0", at_least=0)
     period_answers: str | None = opt("persona", "what answers the horizon rows' period facts: own (the base model is "
                                                 "asked first, `deepred recall`, and the facts it knows are answered "
                                                 "in its own words), persona (the persona file's answers) or a FILE "
                                                 "that `deepred recall` wrote")
-    eval_max_tokens: int = opt(200, "longest evaluated answer in tokens")
+    eval_max_tokens: int = opt(200, "longest evaluated answer in tokens", at_least=1)
     deploy: bool = opt(False, "deploy the first GGUF (--deploy_target: LM Studio or Ollama)")
     deploy_target: str = opt("lmstudio", "where --deploy puts it: lmstudio or ollama", choices=["lmstudio", "ollama"])
     name: str = opt("deepred", "LM Studio model name for --deploy")

@@ -30,6 +30,9 @@ def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
             return None
         raise DeepRedError(f"setting {f.name}: a value is required")
     value = converted(f.name, kind, value)
+    outside = out_of_bounds(value, f.metadata) if kind in (int, float) else None
+    if outside:
+        raise DeepRedError(f"setting {f.name}: must be {outside}, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -38,6 +41,19 @@ def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if bad:
         raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
     return value
+
+
+BOUNDS = {"at_least": (lambda v, b: v >= b, "at least"), "above": (lambda v, b: v > b, "above"),
+          "at_most": (lambda v, b: v <= b, "at most"), "below": (lambda v, b: v < b, "below")}
+
+
+def out_of_bounds(value: float, metadata) -> str | None:
+    """What a number must be where it is not (`at least 1`, `above 0 and below 1`), from the field's bounds
+    (metadata at_least, above, at_most, below); None when it is within them."""
+    bounds = [(name, metadata[name]) for name in BOUNDS if name in metadata]
+    if all(BOUNDS[name][0](value, bound) for name, bound in bounds):
+        return None
+    return " and ".join(f"{BOUNDS[name][1]} {bound}" for name, bound in bounds)
 
 
 def converted(name: str, kind: type, value: Any) -> Any:

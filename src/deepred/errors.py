@@ -47,6 +47,14 @@ def file_system_refusal(exc: OSError) -> str | None:
     return f"{reason}{where}; {advice}, then run the command again (finished work is kept)"
 
 
+def invalid_yaml(path, exc: Exception) -> DeepRedError:
+    """PyYAML's error (several lines, with a caret drawing) as one line: `FILE:LINE: not valid YAML (what)`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return DeepRedError(f"{where}: not valid YAML ({what}); fix the file")
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`, `timeout`) raises KeyboardInterrupt while the block runs, so the command stops as

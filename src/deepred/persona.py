@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .era import kind_label, later_year_pattern, parse_cutoff, year_label, years_after
-from .errors import DeepRedError
+from .errors import DeepRedError, invalid_yaml
 
 TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
              "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
@@ -135,9 +135,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     try:
         root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise DeepRedError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the file") from exc
+        raise invalid_yaml(path, exc) from exc
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
 

@@ -1,0 +1,67 @@
+"""A number a setting cannot take is one line naming the setting, before any work starts, whatever built the config
+(flags, YAML, code); a value exactly on the limit is taken. Before, `deepred train --learning_rate -1` ended in
+torch's traceback after the model had loaded, and `--batch_size 0` trained with some other batch size."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepred.cli import main
+from deepred.config import EvalConfig, PairsConfig, RunConfig, ServeConfig, TrainConfig
+from deepred.errors import DeepRedError
+
+# (config, setting, the last value it can take, the first it cannot): limits read from what the value means
+LIMITS = [
+    (TrainConfig, "batch_size", 1, 0),                # a batch holds at least one example
+    (TrainConfig, "gradient_accumulation_steps", 1, 0),
+    (TrainConfig, "learning_rate", 1e-12, 0.0),       # a zero rate learns nothing, a negative one climbs the loss
+    (TrainConfig, "epochs", 0.01, 0.0),
+    (TrainConfig, "val_split", 0.0, -0.01),           # 0 disables validation
+    (TrainConfig, "val_split", 0.99, 1.0),            # all held out leaves nothing to train on
+    (TrainConfig, "lora_dropout", 0.0, -0.1),
+    (TrainConfig, "lora_dropout", 0.9, 1.0),          # dropping every activation trains nothing
+    (TrainConfig, "warmup_ratio", 0.0, -0.1),
+    (TrainConfig, "lora_r", 1, 0),
+    (TrainConfig, "horizon_examples", 0, -1),         # a negative count was read as "none" without a word
+    (TrainConfig, "save_steps", 1, 0),
+    (RunConfig, "prefer_steps", 1, 0),
+    (RunConfig, "pair_horizon", 0, -1),
+    (PairsConfig, "voice", 0, -1),
+    (ServeConfig, "port", 65535, 65536),              # TCP ports are 1-65535
+    (ServeConfig, "port", 1, 0),
+    (EvalConfig, "temperature", 0.0, -0.01),          # 0 is greedy decoding
+    (EvalConfig, "retries", 0, -1),
+]
+
+
+@pytest.mark.parametrize("cls, name, last_good, first_bad", LIMITS,
+                         ids=[f"{c.__name__}.{n}={bad}" for c, n, _, bad in LIMITS])
+def test_a_setting_takes_its_limit_and_refuses_the_value_past_it(cls, name, last_good, first_bad):
+    required = {"output": "pairs.jsonl"} if cls is PairsConfig else {}
+    assert getattr(cls(**required, **{name: last_good}), name) == last_good
+    with pytest.raises(DeepRedError) as refused:
+        cls(**required, **{name: first_bad})
+    message = str(refused.value)
+    assert message.startswith(f"setting {name}: must be ") and message.endswith(f", got {first_bad!r}")
+    assert "\n" not in message
+
+
+def test_a_negative_learning_rate_is_one_line_on_the_command_line_before_the_model_loads(tmp_path, capsys):
+    run = tmp_path / "run"
+    # a base model that does not exist: the refusal must come before anything is loaded
+    assert main(["train", "--base_model", str(tmp_path / "no-model"), "--output_dir", str(run),
+                 "--learning_rate", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: setting learning_rate: must be above 0, got -1.0\n"
+    assert not run.exists()
+
+
+def test_a_yaml_config_past_a_limit_or_not_yaml_at_all_is_one_line_with_the_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    for body, message in [("val_split: 1.0\n", ": setting val_split: must be at least 0 and below 1, got 1.0"),
+                          ("base_model: tiny\nlr: [1, 2\n", ":3: not valid YAML (expected ',' or ']', but got "
+                                                           "'<stream end>'); fix the file")]:
+        config.write_text(body)
+        assert main(["run", str(config), "--output_dir", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"error: {config}{message}\n"
+        assert not (tmp_path / "out").exists()
