@@ -4,7 +4,12 @@ warning a dependency raises on its own is hidden."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
+
+import pytest
 
 from deepred.models.loading import (declared_tokenizer_flags, family_tokenizer_flags, missing_family_flags,
                                     quiet_dependency_warnings, set_tokenizer_flags)
@@ -36,3 +41,20 @@ def test_tokenizer_flags_are_read_and_written_in_one_place(tmp_path):
     assert declared_tokenizer_flags(str(tmp_path)) == {"add_bos_token": False}
     assert missing_family_flags(tmp_path, "qwen2") == {}  # declared now: nothing left to add
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.parametrize("command", ["recall", "pairs"])
+def test_a_base_model_neither_on_disk_nor_on_the_hub_is_one_line_for_the_commands_that_need_its_folder(command,
+                                                                                                     tmp_path):
+    """`recall` and `pairs` convert the base model's folder to a GGUF; a name the hub cannot give (offline here, with
+    an empty cache) ended in huggingface_hub's chained traceback, and a missing local folder was sent to the hub."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "DEEPRED_CACHE": str(tmp_path)}
+    for name, said in [("example-org/no-such-model", "cannot load model 'example-org/no-such-model': it is not a "
+                                                     "local folder and the Hugging Face hub could not provide it"),
+                       (str(tmp_path / "no-folder"), f"model folder not found: {tmp_path / 'no-folder'} ")]:
+        run = subprocess.run([sys.executable, "-m", "deepred.cli", command, "--output", str(tmp_path / "out.jsonl"),
+                              "--base_model", name], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.startswith(f"error: {said}"), run.stderr
+        assert not (tmp_path / "out.jsonl").exists()

@@ -32,22 +32,30 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def missing_folder(name: str) -> DeepRedError:
+    return DeepRedError(f"model folder not found: {name} (pass a Hugging Face name like {DEFAULT_BASE_MODEL} "
+                        "or an existing folder; 'tiny' builds the offline test model)")
+
+
+def not_on_the_hub(name: str) -> DeepRedError:
+    return DeepRedError(f"cannot load model '{name}': it is not a local folder and the Hugging Face hub could not "
+                        "provide it (no network, a typo, or a gated model needing `hf auth login`); "
+                        "check the name or pass a local folder")
+
+
 def from_pretrained(loader, name: str, **kwargs):
     """`loader.from_pretrained(name)` from a folder or the hub, turning the usual failures into one clear line."""
     quiet_dependency_warnings()  # the model is about to meet PEFT
     path = Path(name).expanduser()
     if looks_local(name) and not path.exists():
-        raise DeepRedError(f"model folder not found: {name} (pass a Hugging Face name like {DEFAULT_BASE_MODEL} "
-                           "or an existing folder; 'tiny' builds the offline test model)")
+        raise missing_folder(name)
     try:
         return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
     except OSError as exc:
         text = str(exc)
         if "does not appear to have a file named" in text or "no file named" in text.lower():
             raise DeepRedError(f"{name}: not a complete model folder ({text.splitlines()[0]})") from exc
-        raise DeepRedError(f"cannot load model '{name}': it is not a local folder and the Hugging Face hub could not "
-                           "provide it (no network, a typo, or a gated model needing `hf auth login`); "
-                           "check the name or pass a local folder") from exc
+        raise not_on_the_hub(name) from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise DeepRedError(f"{name} needs custom model code from the hub; pass --trust_remote_code if you trust it") from exc

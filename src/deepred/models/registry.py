@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .loading import looks_local, missing_folder, not_on_the_hub
 from .smollm2 import SMOLLM2_NAME, smollm2_dir
 from .tiny import TINY_NAME, tiny_model_dir
 
@@ -32,6 +33,13 @@ def local_model_dir(name: str) -> str:
     path = Path(resolve_base_model(name)).expanduser()
     if path.is_dir():
         return str(path)
+    if looks_local(name):
+        raise missing_folder(name)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"])
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"])
+    except OSError as exc:  # the hub's errors are OSErrors; a full disk or a permission is the file system's to say
+        if exc.errno is not None:
+            raise
+        raise not_on_the_hub(name) from exc
