@@ -369,3 +369,25 @@ def test_requests_the_app_cannot_use_get_400_naming_the_field_not_500(gguf_file,
             good = http.post("/v1/chat/completions", json={"model": "base", "messages": [user], "max_tokens": 2})
             assert good.status_code == 200 and good.json()["model"] == "base"
         assert server.running()
+
+
+def test_a_port_already_taken_is_one_line_before_any_model_loads(gguf_file, tiny_model, capsys, monkeypatch):
+    """uvicorn found the port taken only after the model had loaded and "serving ..." had been printed, then exited 3
+    with its own log lines."""
+    import uvicorn
+
+    from deepred.cli import main
+
+    import llama_cpp.server.app as server_app
+
+    monkeypatch.setattr(server_app, "create_app", lambda *a, **k: pytest.fail("a model loaded for a taken port"))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started on a taken port"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", str(gguf_file(tiny_model, "q4_k_m")), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"error: port {port} on 127.0.0.1 is already in use (another server, or LM Studio's); stop it or "
+                   "pick another with --port\n")
+    assert "serving" not in out

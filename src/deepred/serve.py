@@ -10,6 +10,7 @@ in memory and swaps on demand when a request names another, which suits base-vs-
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -68,6 +69,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds before any model loads (uvicorn would say so after the model loaded and
+    after "serving ..." was printed); bound as uvicorn binds it, with SO_REUSEADDR."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise DeepRedError(f"--host {host}: not an address of this machine ({exc.strerror}); use 127.0.0.1") from exc
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DeepRedError(f"port {port} on {host} is already in use (another server, or LM Studio's); stop "
+                                   "it or pick another with --port") from exc
+            raise DeepRedError(f"cannot listen on {host}:{port} ({exc.strerror}); use --host 127.0.0.1 and a port "
+                               "above 1023") from exc
+
+
 def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
@@ -75,6 +95,7 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
     from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 
     models = served_models(cfg, add_model)
+    check_port_free(cfg.host, cfg.port)
     if not is_loopback(cfg.host):
         print(f"warning: binding {cfg.host} exposes the model to anyone who can reach this machine, without "
               "authentication; use --host 127.0.0.1 to keep it local", file=sys.stderr)
