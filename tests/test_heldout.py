@@ -226,3 +226,28 @@ def test_a_persona_without_a_heldout_set_says_so_in_one_line():
     with pytest.raises(DeepRedError, match=r"^[^\n]*butler\.yaml: persona 'butler' has no held-out prompts; add "
                                            r"'heldout_prompts: FILE\.jsonl'[^\n]*$"):
         load_heldout_prompts(butler)
+
+
+# --------------------------------------------------------------------------------------------- the development set
+
+
+def test_the_development_set_repeats_no_evaluation_heldout_or_training_question(heldout, evaluation,
+                                                                               training_questions):
+    """benchmarks/horizon_dev_prompts.jsonl is where recipe decisions are tried (README, Teaching the horizon), so the
+    evaluation and held-out sets stay untouched by them; it must itself be new to training: neither the dataset's
+    questions nor the persona's horizon questions and period facts."""
+    from deepred.horizon import horizon_questions
+
+    from .conftest import REPO
+
+    persona = default_persona()
+    dev = load_prompts(REPO / "benchmarks" / "horizon_dev_prompts.jsonl", persona)
+    assert temporal_kinds(dev) == Counter({persona.later_kind: 37, "control": 10})
+    others = ([row["prompt"] for row in evaluation + heldout] + training_questions
+              + [question for question, *_ in horizon_questions(persona)]
+              + [fact["question"] for fact in persona.horizon.facts])
+    seen = {normalised(text) for text in others}
+    for row in dev:
+        assert normalised(row["prompt"]) not in seen, row["id"]
+        closest = max(others, key=lambda other: similarity(row["prompt"], other))
+        assert similarity(row["prompt"], closest) < MAX_SIMILARITY, (row["id"], row["prompt"], closest)
