@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
 from typing import Any
@@ -43,8 +44,8 @@ def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     return value
 
 
-BOUNDS = {"at_least": (lambda v, b: v >= b, "at least"), "above": (lambda v, b: v > b, "above"),
-          "at_most": (lambda v, b: v <= b, "at most"), "below": (lambda v, b: v < b, "below")}
+BOUNDS = {"at_least": (operator.ge, "at least"), "above": (operator.gt, "above"),
+          "at_most": (operator.le, "at most"), "below": (operator.lt, "below")}
 
 
 def out_of_bounds(value: float, metadata) -> str | None:
