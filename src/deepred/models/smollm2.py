@@ -66,13 +66,26 @@ def _gguf_loader_enabled() -> Iterator[None]:
 
 def build_smollm2(out_dir: str | Path, log=print) -> Path:
     """Write SmolLM2-135M-Instruct as a float32 safetensors folder (model, tokenizer, chat template, generation config)."""
+    source = packaged_gguf()
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as tmp:  # opened first: a folder that cannot be written fails before the load
+        log(f"building {SMOLLM2_NAME} from {source} (dequantising Q4_1 to float32, once)")
+        model, tokenizer = _load_packaged(source)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        set_tokenizer_flags(tmp, TOKENIZER_FLAGS)
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"package": PACKAGE, "gguf": GGUF_NAME,
+                                                     "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                     "license": "apache-2.0"}, indent=2))
+    return out_dir
+
+
+def _load_packaged(source: Path):
+    """(model, tokenizer) from the package's GGUF, dequantised to float32 and marked as a plain model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = packaged_gguf()
-    out_dir = Path(out_dir)
-    log(f"building {SMOLLM2_NAME} from {source} (dequantising Q4_1 to float32, once)")
     hf_logging.disable_progress_bar()
     try:
         with _gguf_loader_enabled():
@@ -87,15 +100,7 @@ def build_smollm2(out_dir: str | Path, log=print) -> Path:
         del model.config.quantization_config
     model.config.name_or_path = SMOLLM2_NAME
     tokenizer.model_max_length = model.config.max_position_embeddings  # 8192, as the released tokenizer says
-
-    with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        set_tokenizer_flags(tmp, TOKENIZER_FLAGS)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"package": PACKAGE, "gguf": GGUF_NAME,
-                                                     "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                                     "license": "apache-2.0"}, indent=2))
-    return out_dir
+    return model, tokenizer
 
 
 def smollm2_dir(log=print) -> Path:
