@@ -18,4 +18,3 @@ def test_an_unwritable_destination_is_one_line_before_the_model_loads(tmp_path, 
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "a-file" in err
     assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
-
