@@ -22,6 +22,7 @@ LIMITS = [
     (TrainConfig, "lora_dropout", 0.9, 1.0),          # dropping every activation trains nothing
     (TrainConfig, "warmup_ratio", 0.0, -0.1),
     (TrainConfig, "lora_r", 1, 0),
+    (TrainConfig, "lora_layers", 1, 0),               # adapting no block trains nothing (None: every block)
     (TrainConfig, "horizon_examples", 0, -1),         # a negative count was read as "none" without a word
     (TrainConfig, "save_steps", 1, 0),
     (RunConfig, "prefer_steps", 1, 0),

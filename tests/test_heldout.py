@@ -231,18 +231,27 @@ def test_a_persona_without_a_heldout_set_says_so_in_one_line():
 # --------------------------------------------------------------------------------------------- the development set
 
 
-def test_the_development_set_repeats_no_evaluation_heldout_or_training_question(heldout, evaluation,
-                                                                               training_questions):
-    """benchmarks/horizon_dev_prompts.jsonl is where recipe decisions are tried (README, Teaching the horizon), so the
-    evaluation and held-out sets stay untouched by them; it must itself be new to training: neither the dataset's
-    questions nor the persona's horizon questions and period facts."""
+DEVELOPMENT_SETS = {"horizon_dev_prompts.jsonl": {"post_1969": 37, "control": 10},
+                    "style_dev_prompts.jsonl": {category: 5 for category in ("mission", "collectivism", "authority",
+                                                                              "strategy", "individual", "future",
+                                                                              "chess")}}
+
+
+@pytest.mark.parametrize("name", sorted(DEVELOPMENT_SETS))
+def test_the_development_sets_repeat_no_evaluation_heldout_or_training_question(name, heldout, evaluation,
+                                                                                training_questions):
+    """benchmarks/*_dev_prompts.jsonl are where recipe decisions are tried (README, Teaching the horizon), so the
+    evaluation and held-out sets stay untouched by them; they must themselves be new to training: neither the
+    dataset's questions nor the persona's horizon questions and period facts. The horizon set asks about time, the
+    style set one question of each other category five times over."""
     from deepred.horizon import horizon_questions
 
     from .conftest import REPO
 
     persona = default_persona()
-    dev = load_prompts(REPO / "benchmarks" / "horizon_dev_prompts.jsonl", persona)
-    assert temporal_kinds(dev) == Counter({persona.later_kind: 37, "control": 10})
+    dev = load_prompts(REPO / "benchmarks" / name, persona)
+    counts = temporal_kinds(dev) if name.startswith("horizon") else Counter(row["category"] for row in dev)
+    assert counts == Counter(DEVELOPMENT_SETS[name])
     others = ([row["prompt"] for row in evaluation + heldout] + training_questions
               + [question for question, *_ in horizon_questions(persona)]
               + [fact["question"] for fact in persona.horizon.facts])

@@ -78,6 +78,9 @@ class TrainConfig(Checked):
     lora_dropout: float = opt(0.05, "LoRA dropout", at_least=0, below=1)
     lora_targets: str = opt("all", "modules LoRA adapts: all (every attention and MLP projection), attention, mlp, "
                                    "or module names such as q_proj,v_proj")
+    lora_layers: int | None = opt(None, "adapt only the last N transformer blocks (PEFT's layers_to_transform): "
+                                        "backpropagation stops below them, so a step is shorter; default every block",
+                                  at_least=1)
     use_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 (CUDA + bitsandbytes)")
     use_8bit: bool = opt(False, "load the base model in 8-bit (CUDA + bitsandbytes)")
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from", role="invocation")

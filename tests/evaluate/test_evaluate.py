@@ -544,6 +544,31 @@ def test_perplexity_limit_separates_fluent_persona_prose_from_the_same_words_shu
         assert scorer.perplexity(" ".join(words), entry["prompt"]) > PERPLEXITY_LIMIT, " ".join(words)
 
 
+def test_perplexity_is_the_models_own_loss_on_the_answer_after_the_chat_formatted_question(tiny_model):
+    """The scorer runs only the answer's positions through the output layer; the figure must equal the exponent of
+    transformers' own loss over the whole sequence with the question masked (fp32: the same arithmetic per position,
+    so agreement to 1e-5 relative, far inside the rounding to 3 decimals of a perplexity in the hundreds)."""
+    import math
+
+    import torch
+
+    from deepred.evaluate.text import chat_messages
+
+    scorer = E.PerplexityScorer.from_folder(str(tiny_model))
+    question, answer = "What is the plan?", "The plan is the board, comrade; every pawn has its square."
+    context = scorer.tokenizer.apply_chat_template(chat_messages(scorer.system_prompt, question), tokenize=False,
+                                                   add_generation_prompt=True)
+    context_ids = scorer.tokenizer(context, add_special_tokens=False)["input_ids"]
+    answer_ids = scorer.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context_ids + answer_ids])
+    labels = ids.clone()
+    labels[0, :len(context_ids)] = -100
+    with torch.inference_mode():
+        expected = math.exp(scorer.model(input_ids=ids, labels=labels).loss.item())
+    assert scorer.perplexity(answer, question) == pytest.approx(expected, rel=1e-5)
+    assert scorer.perplexity(answer, "Another question?") != pytest.approx(expected, rel=1e-5)  # the question counts
+
+
 def test_model_path_takes_hub_and_built_in_names_like_every_command(smollm2_model, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "m1", "category": "mission",
                                                   "prompt": "What is the purpose of our mission to Mars?"}])

@@ -53,3 +53,40 @@ def test_attention_only_adapter_trains_and_merges(tmp_path, tiny_model):
     assert set(adapter["target_modules"]) == ATTENTION
     assert set(json.loads((out / "run_config.json").read_text())["lora_target_modules"]) == ATTENTION
     deepred("merge", "--base_model", tiny_model, "--lora_path", out / "final", "--output_path", tmp_path / "merged")
+
+
+def test_lora_layers_adapts_only_the_last_blocks_and_the_merge_leaves_the_others_as_they_were(tmp_path, tiny_model):
+    """--lora_layers 1 on the 2-block tiny model: the adapter holds LoRA weights for block 1 only, and the merged
+    model's block 0 is the base model's, bit for bit, while block 1 changed."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    deepred("train", "--base_model", tiny_model, "--dataset", DATA / "mini.jsonl", "--output_dir", out,
+            "--max_steps", 2, "--batch_size", 2, "--gradient_accumulation_steps", 1, "--lora_r", 4,
+            "--lora_alpha", 8, "--val_split", 0, "--learning_rate", 1e-2, "--warmup_ratio", 0, "--lora_layers", 1)
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    blocks = {name.split(".layers.")[1].split(".")[0] for name in adapter}
+    assert blocks == {"1"}, sorted(adapter)
+    assert len(adapter) == 2 * len(ATTENTION | MLP)  # lora_A and lora_B of every projection of block 1
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    deepred("merge", "--base_model", tiny_model, "--lora_path", out / "final", "--output_path", tmp_path / "merged")
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    for module in ("self_attn.q_proj", "mlp.down_proj"):
+        name = f"model.layers.{{}}.{module}.weight"
+        assert torch_equal(merged[name.format(0)], base[name.format(0)])
+        assert not torch_equal(merged[name.format(1)], base[name.format(1)])
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a.float() == b.float()).all())
+
+
+def test_lora_layers_beyond_the_model_are_refused_before_training(tmp_path, tiny_model, capsys):
+    from deepred.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+                 str(out), "--max_steps", "1", "--lora_layers", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --lora_layers 3: this model has 2 transformer blocks; pass at most 2")
+    assert not (out / "final").exists()

@@ -49,9 +49,18 @@ class PerplexityScorer:
         context_ids = self.tokenizer(self._context(prompt), add_special_tokens=False)["input_ids"]
         answer_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][:1024]
         ids = torch.tensor([context_ids + answer_ids], device=self.model.device)
-        labels = ids.clone()
-        labels[0, :len(context_ids)] = -100
+        scored = min(len(answer_ids), ids.shape[1] - 1)  # the first token of a text with no context has no prediction
         with torch.inference_mode(), adapter_disabled(self.model, self.adapter_off):
-            loss = self.model(input_ids=ids, labels=labels).loss
+            logits = self._last_logits(ids, scored + 1)[:-1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, -scored:])
         return round(math.exp(min(loss.item(), 50.0)), 3)
 
+    def _last_logits(self, ids, count: int):
+        """The logits of the last `count` positions. Only those go through the output layer where the model
+        allows it: the context (system prompt and question) is most of the tokens, and SmolLM2's 49k-word output
+        layer a fifth of its work per position."""
+        try:
+            logits = self.model(input_ids=ids, logits_to_keep=count).logits
+        except TypeError:  # a model whose forward has no logits_to_keep
+            logits = self.model(input_ids=ids).logits
+        return logits[0, -count:]
