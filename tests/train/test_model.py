@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from deepred.errors import DeepRedError
-from deepred.train.model import lora_targets
+from deepred.config import TrainConfig
+from deepred.train.model import lora_config, lora_targets
 
 from ..conftest import DATA, deepred
 
@@ -90,3 +91,12 @@ def test_lora_layers_beyond_the_model_are_refused_before_training(tmp_path, tiny
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --lora_layers 3: this model has 2 transformer blocks; pass at most 2")
     assert not (out / "final").exists()
+
+
+def test_lora_layers_on_a_family_deepred_cannot_name_is_one_line_not_peft_s_error():
+    """PEFT takes block indices only with module names, not "all-linear" (its ValueError would be a traceback)."""
+    unknown = SimpleNamespace(config=SimpleNamespace(model_type="some-new-family",
+                                                     get_text_config=lambda: SimpleNamespace(num_hidden_layers=4)))
+    with pytest.raises(DeepRedError, match=r"^--lora_layers 2: deepred does not know the projection names of a "
+                                           r"'some-new-family' model; name them with --lora_targets"):
+        lora_config(TrainConfig(lora_layers=2), unknown)

@@ -50,6 +50,8 @@ class PerplexityScorer:
         answer_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][:1024]
         ids = torch.tensor([context_ids + answer_ids], device=self.model.device)
         scored = min(len(answer_ids), ids.shape[1] - 1)  # the first token of a text with no context has no prediction
+        if scored < 1:
+            return None
         with torch.inference_mode(), adapter_disabled(self.model, self.adapter_off):
             logits = self._last_logits(ids, scored + 1)[:-1]
             loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, -scored:])

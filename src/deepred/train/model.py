@@ -92,16 +92,19 @@ def modules_missing(model, names: list[str]) -> list[str]:
 def lora_config(cfg: TrainConfig, model):
     from peft import LoraConfig
 
+    targets, layers = lora_targets(model, cfg.lora_targets), last_layers(model, cfg.lora_layers)
+    if layers is not None and isinstance(targets, str):  # PEFT takes block indices only with module names
+        raise DeepRedError(f"--lora_layers {cfg.lora_layers}: deepred does not know the projection names of a "
+                           f"'{model.config.model_type}' model; name them with --lora_targets (e.g. q_proj,v_proj)")
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=lora_targets(model, cfg.lora_targets),
-                      modules_to_save=modules_to_save(cfg, model),
-                      layers_to_transform=last_layers(model, cfg.lora_layers))
+                      task_type="CAUSAL_LM", target_modules=targets, modules_to_save=modules_to_save(cfg, model),
+                      layers_to_transform=layers)
 
 
 def last_layers(model, count: int | None) -> list[int] | None:
     """--lora_layers N: the indices of the model's last N transformer blocks (None: every block). The gradient then
-    never flows below the lowest adapted block, which is where the time goes: on SmolLM2 (30 blocks) on a CPU, the
-    last 15 made a step 27 % shorter."""
+    never flows below the lowest adapted block: on SmolLM2 (30 blocks) on a CPU the demo's steps took 2.2 s with the
+    last 15 adapted against 3.9 s with all 30."""
     if count is None:
         return None
     total = getattr(model.config.get_text_config(), "num_hidden_layers", None)
