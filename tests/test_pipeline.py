@@ -21,6 +21,7 @@ from deepred.pipeline import run_pipeline
 from deepred.persona import load_persona
 from deepred.pipeline.run import with_horizon_default
 from deepred.data import bundled_dataset_path
+from deepred.train.hardware import detect_hardware
 from deepred.train.run_dir import latest_checkpoint
 
 from .conftest import DATA
@@ -52,6 +53,10 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert all(manifest[s]["status"] == "done" and len(manifest[s]["output_hash"]) == 64 for s in manifest)
     assert (run_dir / "deepred.gguf").is_file() and (run_dir / "merged-deepred" / "model.safetensors").is_file()
+    training = next(run_dir.glob("theme-deepred-*"))
+    plan = json.loads((training / "run_config.json").read_text())["batch_plan"]
+    # short padded rows under a CPU's bf16 autocast train with eager attention (plan.cpu_attention)
+    assert plan["attention"] == ("eager" if detect_hardware("auto").bf16 else None) and not plan["padding_free"]
 
     first_cards = _check_cards(run_dir, RunConfig(base_model=str(tiny_model), dataset=str(dataset),
                                                   output_dir=str(run_dir), **QUICK))
@@ -242,6 +247,7 @@ def test_the_preference_stages_make_pairs_train_the_same_lora_and_resume_after_e
     run_config = json.loads((prefer / "run_config.json").read_text())
     sft = next(run_dir.glob("theme-deepred-*"))
     assert run_config["config"]["method"] == "dpo" and run_config["config"]["init_adapter"] == str(sft / "final")
+    assert run_config["batch_plan"]["attention"] == ("eager" if detect_hardware("auto").bf16 else None)  # as SFT
 
     monkeypatch.setattr(stages, "merge", real_merge)
     said = _run(tiny_model, run_dir, str(bundled_dataset_path()), **extra)

@@ -44,7 +44,7 @@ def make_trainer(tiny_model, tmp_path, **plan_changes):
     tokenizer = load_tokenizer(str(tiny_model), False)
     rows = truncate_rows(tokenize_examples(report.examples, ChatFormat.of(tokenizer)), 1024, print)
     plan = dataclasses.replace(plan_batches(cfg, hw), **plan_changes)
-    model = load_model(cfg, str(tiny_model), hw)
+    model = load_model(cfg, str(tiny_model), hw, plan.attention)
     trainer = build_trainer(cfg, model, tokenizer, lora_config(cfg, model), split(rows, 0, 0)[0], None,
                                tmp_path, plan, hw)
     return trainer, rows

@@ -21,7 +21,7 @@ from deepred.train.plan import plan_batches
 from deepred.train.trainer import build_trainer
 
 from ..conftest import DATA
-from .helpers import InputShapes, assert_same, first_batch, loss_and_grads, saved_activation_bytes
+from .helpers import InputShapes, assert_same, first_batch, loss_and_grads, make_trainer, saved_activation_bytes
 
 
 def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(packed_and_padded):
@@ -38,6 +38,23 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(packed_and_p
         return lambda: _backward(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=supervised))
 
     assert_same(loss_and_grads(padded, step(padded, padded_batch)), loss_and_grads(packed, step(packed, packed_batch)))
+
+
+def test_eager_attention_has_the_sdpa_batch_loss_and_gradients(tiny_model, tmp_path, packed_and_padded):
+    """The CPU plan's eager attention (plan.cpu_attention) computes what sdpa does on a padded batch: the padding
+    mask and the causal mask are applied the same way. Both run in float32 here, so they differ by rounding only."""
+    _, sdpa = packed_and_padded
+    eager, _ = make_trainer(tiny_model, tmp_path, padding_free=False, attention="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    batch = first_batch(sdpa)
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths: the padding mask is exercised
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+
+    def step(trainer):
+        return lambda: _backward(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=supervised))
+
+    assert_same(loss_and_grads(sdpa, step(sdpa)), loss_and_grads(eager, step(eager)))
 
 
 def test_packed_examples_do_not_attend_to_each_other(packed_and_padded):

@@ -9,7 +9,8 @@ import pytest
 from deepred.config import TrainConfig
 from deepred.errors import DeepRedError
 from deepred.train.hardware import Hardware, detect_hardware, liger_available, under_fsdp
-from deepred.train.plan import LOSSES, plan_batches
+from deepred.train.model import load_model
+from deepred.train.plan import EAGER_CPU_MAX_TOKENS, LOSSES, plan_batches
 from deepred.train.trainer import trainer_class
 
 from .helpers import make_trainer
@@ -41,6 +42,32 @@ def test_batch_plan_says_what_runs(profile, device, budget, loss, padding_free):
     plan = plan_batches(cfg, Hardware(device, False, device == "cuda", False, 1), liger=liger_available())
     assert (plan.loss, plan.padding_free) == (loss, padding_free)
     assert LOSSES[loss] in plan.describe(1)
+
+
+@pytest.mark.parametrize("p95, changes, bf16, expect", [
+    (EAGER_CPU_MAX_TOKENS, {}, True, "eager"),  # on the limit: eager
+    (EAGER_CPU_MAX_TOKENS + 1, {}, True, None),  # one token over: the model's own kernel (sdpa)
+    (100, {}, False, None),  # float32 on a CPU without bf16: sdpa was the faster
+    (100, {"method": "orpo"}, True, "eager"),  # padded pairs alike
+    (100, {"profile": "reference"}, True, None),  # the specification's settings as written
+    (100, {"attn_implementation": "sdpa"}, True, None),  # the user's choice rules
+    (100, {"max_tokens_per_pass": 2048}, True, None),  # padding-free rows keep the kernel that builds their mask
+    (None, {}, True, None),  # lengths unknown
+])
+def test_cpu_plan_runs_eager_attention_on_short_padded_rows_under_bf16(p95, changes, bf16, expect):
+    cpu = Hardware("cpu", False, bf16, False, 1)
+    plan = plan_batches(TrainConfig(**changes), cpu, p95_length=p95)
+    assert plan.attention == expect
+    assert ("eager attention" in plan.describe(1)) == (expect == "eager")
+    assert plan_batches(TrainConfig(**changes), Hardware("cuda", False, True, False, 1), p95_length=p95).attention is None
+
+
+def test_the_plans_attention_reaches_the_model_unless_the_user_chose_one(tiny_model):
+    cpu = detect_hardware("fp32")
+    assert load_model(TrainConfig(), str(tiny_model), cpu, "eager").config._attn_implementation == "eager"
+    assert load_model(TrainConfig(), str(tiny_model), cpu).config._attn_implementation == "sdpa"
+    chosen = TrainConfig(attn_implementation="sdpa")
+    assert load_model(chosen, str(tiny_model), cpu, "eager").config._attn_implementation == "sdpa"
 
 
 def test_fast_profile_on_cuda_fuses_the_loss_only_where_liger_is_installed():

@@ -24,7 +24,8 @@ LORA_TARGETS = {
 }
 
 
-def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
+def load_model(cfg: TrainConfig, base_model: str, hw: Hardware, attention: str | None = None):
+    """The base model to adapt; `attention`: the batch plan's kernel where --attn_implementation is auto."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -32,9 +33,12 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware):
               # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
               "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
               else torch.float32}
-    # auto: transformers' own choice (sdpa where the model supports it, eager where not, e.g. RWKV); eager on ROCm
-    if cfg.attn_implementation != "auto" or hw.rocm:
-        kwargs["attn_implementation"] = cfg.attn_implementation if cfg.attn_implementation != "auto" else "eager"
+    # auto: the plan's choice, else transformers' own (sdpa where the model supports it, eager where not, e.g.
+    # RWKV); eager on ROCm
+    if cfg.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    elif hw.rocm or attention:
+        kwargs["attn_implementation"] = attention or "eager"
     if cfg.use_4bit or cfg.use_8bit:
         kwargs["quantization_config"] = quantization_config(cfg, hw)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}

@@ -15,6 +15,9 @@ LOSSES = {"trl": "TRL's own (every position scored)",
           "orpo": "TRL's ORPO loss: SFT on the chosen completion plus the odds ratio against the rejected one"}
 
 
+EAGER_CPU_MAX_TOKENS = 256  # rows mostly up to this length train with eager attention on a CPU (cpu_attention)
+
+
 @dataclass
 class BatchPlan:
     micro_batch: int
@@ -24,6 +27,7 @@ class BatchPlan:
     loss: str  # one of LOSSES
     liger_layer_kernels: bool  # Liger's RMSNorm, SwiGLU and RoPE kernels
     max_tokens_per_pass: int | None = None  # a padding-free micro-batch over it runs in pieces
+    attention: str | None = None  # the attention kernel the plan asks for; None: the model's own choice (sdpa)
 
     def describe(self, world_size: int) -> str:
         shape = (f"micro-batch {self.micro_batch} x accumulation {self.accumulation}"
@@ -32,23 +36,28 @@ class BatchPlan:
         layout = "padding-free (attention within each example)" if self.padding_free else "padded batches"
         if self.max_tokens_per_pass:
             layout += f", at most {self.max_tokens_per_pass:,} tokens per pass"
+        if self.attention:
+            layout += f", {self.attention} attention"
         return (f"{shape}; {layout}; gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; "
                 f"loss: {LOSSES[self.loss]}"
                 + ("; Liger layer kernels" if self.liger_layer_kernels else ""))
 
 
-def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool = False) -> BatchPlan:
+def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool = False,
+                 p95_length: int | None = None) -> BatchPlan:
     """Keep the user's effective batch (batch_size x accumulation) and choose how to compute it. `fsdp`: launched
-    under FSDP; `liger`: liger-kernel is installed (hardware.under_fsdp and liger_available say).
+    under FSDP; `liger`: liger-kernel is installed (hardware.under_fsdp and liger_available say); `p95_length`:
+    the 95th percentile of the training rows' lengths in tokens.
 
     `reference` runs the specification's settings as written (TRL's trainer and loss, padded micro-batches of
     --batch_size, gradient checkpointing). `fast` scores only the supervised positions and, on a GPU, puts the
     whole effective batch through one padding-free forward pass (a GPU at this batch size is bound by per-step
     overhead, and memory then follows the real tokens, not the longest example), with Liger's fused loss. `lean`
     adds gradient checkpointing for small memory. `--method dpo` keeps the micro-batch choice and checkpointing of
-    its profile; its batches are padded pairs and its loss is TRL's DPO loss.
+    its profile; its batches are padded pairs and its loss is TRL's DPO loss. On a CPU both run eager attention
+    where the rows are short (cpu_attention).
     None of this changes what is learned: the loss is normalised per supervised token over the whole effective
-    batch, and packed examples never attend to each other.
+    batch, packed examples never attend to each other, and every attention kernel computes the same softmax.
     """
     if cfg.max_tokens_per_pass is not None and cfg.max_tokens_per_pass < 1:
         raise DeepRedError(f"--max_tokens_per_pass must be at least 1 (got {cfg.max_tokens_per_pass}); leave it out "
@@ -67,7 +76,7 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     layer_kernels = fused and not (cfg.use_4bit or cfg.use_8bit)
     if cfg.method != "sft":  # TRL's preference trainers pad their pairs and compute their own loss
         return BatchPlan(micro, per_process // micro, cfg.profile == "lean", False, cfg.method,
-                         layer_kernels and cfg.method == "dpo")
+                         layer_kernels and cfg.method == "dpo", attention=cpu_attention(cfg, hw, False, p95_length))
     # On a CPU padded batches of 4 ran as fast as padding-free ones (SmolLM2: 221-255 vs 227 tokens/s), whose
     # attention mask covers the whole row; a token budget needs padding-free rows to cut.
     padding_free = hw.device == "cuda" or cfg.max_tokens_per_pass is not None
@@ -75,4 +84,18 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     # loss applies it; TRL's loss stays inside that pass (unmeasured on GPUs: README, "More than one GPU")
     loss = "trl" if fsdp else "liger" if fused else "supervised"
     return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free, loss, layer_kernels,
-                     cfg.max_tokens_per_pass)
+                     cfg.max_tokens_per_pass, cpu_attention(cfg, hw, padding_free, p95_length))
+
+
+def cpu_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:
+    """Eager attention for padded CPU batches of short rows under bf16 autocast, where `--attn_implementation auto`
+    would get sdpa.
+
+    Why (benchmarks/RESULTS.md, SmolLM2 LoRA steps of 4 rows): PyTorch's CPU sdpa kernel under bf16 autocast took
+    18 % of a step at 200 tokens, where eager attention made the step 14 % shorter (and the demo's SFT 14 %), but
+    eager was slower at 320 and 512 tokens and in float32. So eager only where 95 % of the rows fit
+    EAGER_CPU_MAX_TOKENS; padding-free rows are one long row and keep the kernel that builds their mask.
+    """
+    if cfg.attn_implementation != "auto" or hw.device != "cpu" or not hw.bf16 or padding_free or p95_length is None:
+        return None
+    return "eager" if p95_length <= EAGER_CPU_MAX_TOKENS else None

@@ -71,14 +71,16 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
     lengths = [row_length(row) for row in tokenized]
     log(describe(report, lengths, cfg.max_seq_length))
 
-    plan = plan_batches(cfg, hw, fsdp=under_fsdp(), liger=liger_available())
+    cut = sorted(min(n, cfg.max_seq_length) for n in lengths)  # rows are cut to --max_seq_length below
+    p95 = cut[int(0.95 * (len(cut) - 1))] if cut else None
+    plan = plan_batches(cfg, hw, fsdp=under_fsdp(), liger=liger_available(), p95_length=p95)
     log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
     examples = cut_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = split(examples, cfg.val_split, cfg.seed)
     record = RunRecord(output_dir, cfg, base_model, report, data_hash, lengths, hw, len(examples), main)
     started, ran = time.time(), StepCount()
     while True:  # until training ends; out of memory retries with a smaller plan from the newest checkpoint
-        model = load_model(cfg, base_model, hw)
+        model = load_model(cfg, base_model, hw, plan.attention)
         if plan.padding_free and not keeps_packed_examples_apart(model):
             log(f"{type(model).__name__} does not build its attention mask from packed positions; padded batches")
             plan = dataclasses.replace(plan, padding_free=False)
