@@ -98,8 +98,9 @@ class TrainConfig(Checked):
                                  "instructions (else fp32); or force fp32, bf16, fp16", choices=["auto", "fp32", "bf16", "fp16"])
     micro_batch_size: int | None = opt(None, "examples per forward pass; default: chosen by --profile (effective batch "
                                                  "unchanged)", role="compute", at_least=1)
-    attn_implementation: str = opt("auto", "attention kernel: auto (eager on ROCm and, fast/lean, for padded CPU rows up to 512 "
-                                           "tokens, else sdpa), sdpa, flex_attention (skips "
+    attn_implementation: str = opt("auto", "attention kernel: auto (eager on ROCm, and under fast/lean on a CPU with "
+                                           "bf16 autocast when the 95th percentile row fits 256 tokens; else sdpa), sdpa, "
+                                           "flex_attention (skips "
                                            "the masked blocks of padding-free batches), flash_attention_2 (needs "
                                            "flash-attn), eager", choices=["auto", "sdpa", "flex_attention",
                                                                           "flash_attention_2", "eager"],
