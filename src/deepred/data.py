@@ -166,13 +166,19 @@ def token_statistics(lengths: list[int] | None, max_seq_length: int | None = Non
     if not lengths:
         return []
     ordered = sorted(lengths)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     lines = [f"  tokens per example: min {ordered[0]}, mean {statistics.mean(ordered):.0f}, "
-             f"median {statistics.median(ordered):.0f}, p95 {p95}, max {ordered[-1]}, total {sum(ordered)}"]
+             f"median {statistics.median(ordered):.0f}, p95 {length_p95(ordered)}, max {ordered[-1]}, "
+             f"total {sum(ordered)}"]
     if max_seq_length:
         over = sum(1 for n in lengths if n > max_seq_length)
         lines.append(f"  {over} example(s) exceed --max_seq_length {max_seq_length} and would be truncated")
     return lines
+
+
+def length_p95(lengths: list[int]) -> int:
+    """The 95th-percentile token length, as the data summary prints it and the batch plan uses it."""
+    ordered = sorted(lengths)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def first_sentence(text: str) -> str:

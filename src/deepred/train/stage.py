@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 from ..config import TrainConfig
+from ..data import length_p95
 from ..files import folder_lock
 from ..models.loading import load_tokenizer
 from ..models.registry import resolve_base_model
@@ -71,8 +72,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
     lengths = [row_length(row) for row in tokenized]
     log(describe(report, lengths, cfg.max_seq_length))
 
-    cut = sorted(min(n, cfg.max_seq_length) for n in lengths)  # rows are cut to --max_seq_length below
-    p95 = cut[int(0.95 * (len(cut) - 1))] if cut else None
+    p95 = min(length_p95(lengths), cfg.max_seq_length) if lengths else None  # rows are cut to it below
     plan = plan_batches(cfg, hw, fsdp=under_fsdp(), liger=liger_available(), p95_length=p95)
     log(f"device: {hw.describe()}, profile {cfg.profile}: {plan.describe(hw.world_size)}")
     examples = cut_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
