@@ -33,6 +33,7 @@ class RunRecord:
     hw: Hardware
     examples_used: int
     main_process: bool
+    row_tokens_p95: int | None = None  # the plan's row length (plan_batches); its kernel choice follows from it
     lora_targets: list[str] | str = "all-linear"
 
     def write(self, plan: BatchPlan) -> None:
@@ -50,6 +51,7 @@ class RunRecord:
             **({"pairs_by_source": dict(Counter(p.get("source") or "unnamed" for p in rows))} if rows else {}),
             "invalid_lines_skipped": self.report.invalid_lines,
             "truncated_examples": sum(1 for n in self.lengths if n > self.cfg.max_seq_length),
+            "row_tokens_p95": self.row_tokens_p95,
             "tokens_total": sum(self.lengths),
             "effective_batch": self.cfg.batch_size * self.cfg.gradient_accumulation_steps,
             "batch_plan": dataclasses.asdict(plan),
