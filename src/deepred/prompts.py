@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from .errors import DeepRedError
 from .files import read_regular_file
@@ -26,22 +27,37 @@ def bundled_prompts_path() -> Path:
 
 
 def read_jsonl(path: str | Path, what: str, shape: str = '{"id": ..., "prompt": ...}',
-               allow_empty: bool = False) -> list[dict]:
-    """Rows of a JSONL file; a missing file, a folder or FIFO, or a line that is not UTF-8 or not a JSON object
-    is a one-line DeepRedError naming the file (and the line); `shape` shows what a line should look like. An empty
-    file is refused unless `allow_empty`."""
+               allow_empty: bool = False, check: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Rows of a JSONL file, each passed through `check` where given (it raises a DeepRedError naming FILE:LINE for
+    a bad row). A missing file, a folder or FIFO is a one-line DeepRedError; a line that is not UTF-8, not a JSON
+    object, or that `check` refuses is named with its number, every bad line at once. `shape` shows what a line
+    should look like. An empty file is refused unless `allow_empty`."""
     path = Path(path).expanduser()
     raw = read_regular_file(path, f"pass the {what} .jsonl file")  # a leading BOM removed
-    rows = []
+    rows, bad = [], []
     for number, line in numbered_lines(raw):
         row, problems = parse_json_object(line, shape)
         if problems:
-            raise DeepRedError(f"{path}:{number}: {problems[0]}")
+            bad.append(f"{path}:{number}: {problems[0]}")
+            continue
         row["_line"] = number
-        rows.append(row)
+        try:
+            rows.append(check(row) if check else row)
+        except DeepRedError as exc:
+            bad.append(str(exc))
+    refuse_bad_lines(bad, path, what)
     if not rows and not allow_empty:
         raise DeepRedError(f"{path}: no rows; the {what} file is empty")
     return rows
+
+
+def refuse_bad_lines(problems: list[str], path: str | Path, what: str) -> None:
+    """Every bad line of a file at once, one `FILE:LINE: message` a line (a single one as it is)."""
+    if len(problems) == 1:
+        raise DeepRedError(problems[0])
+    if problems:
+        raise DeepRedError("\n".join([*problems, f"{path}: {len(problems)} bad lines in the {what} file; fix them "
+                                                  "and run again"]))
 
 
 def load_prompts(path: str | Path | None = None, persona: Persona | None = None) -> list[dict]:
@@ -49,11 +65,13 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
     Red's: the bundled 72)."""
     persona = persona or default_persona()
     path = Path(path) if path else persona.prompts_path
-    prompts = []
-    for row in read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}'):
+
+    def prompt_row(row: dict) -> dict:
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DeepRedError(f"{path}:{row['_line']}: needs a non-empty \"prompt\" string")
-        prompts.append(prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path)))
+        return prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path))
+
+    prompts = read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}', check=prompt_row)
     check_unique_ids(prompts, path)
     return prompts
 

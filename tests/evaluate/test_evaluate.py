@@ -16,6 +16,7 @@ import pytest
 
 from deepred import evaluate as E
 from deepred.cli import main
+from deepred.errors import DeepRedError
 
 from ..conftest import DATA
 
@@ -199,6 +200,33 @@ def test_bad_jsonl_line_names_the_line(tmp_path, capsys):
     bad.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r"}) + "\n{not json\n")
     assert main(["evaluate", "--responses", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_every_bad_line_of_an_answers_or_prompts_file_is_named_at_once(tmp_path, capsys):
+    """A file with three bad lines of different kinds is refused with all three, not one at a time."""
+    good = {"id": "a", "prompt": "p", "response": "r"}
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"id": "b", "prompt": "q"}),
+                              json.dumps({"id": "c", "prompt": "q", "response": 7}), json.dumps({**good, "id": "d"})]))
+    assert main(["evaluate", "--responses", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.removeprefix("error: ").splitlines()
+    assert [line.split(": ")[0] for line in err] == [f"{bad}:2", f"{bad}:3", f"{bad}:4", str(bad)], err
+    assert "not valid JSON" in err[0] and err[-1].endswith("3 bad lines in the responses file; fix them and run again")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps({"id": "x", "category": "c", "prompt": " "}),
+                                  json.dumps({"id": "y", "category": "c", "prompt": "q", "kind": "post_1985"}),
+                                  json.dumps({"id": "z", "category": "c", "prompt": "fine"})]))
+    with pytest.raises(DeepRedError) as refused:
+        E.load_prompts(prompts)
+    lines = str(refused.value).splitlines()
+    assert [line.split(": ")[0] for line in lines] == [f"{prompts}:1", f"{prompts}:2", str(prompts)]
+    assert lines[-1].endswith("2 bad lines in the prompts file; fix them and run again")
+    (tmp_path / "answers2.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        good, {"id": "b", "prompt": "q"}, {"id": "c", "prompt": "q", "response": 7}]))
+    with pytest.raises(DeepRedError) as refused:
+        E.load_responses(tmp_path / "answers2.jsonl")
+    assert [line.split(": ")[1] for line in str(refused.value).splitlines()[:2]] == [
+        'needs a "response" (or an "error" for a failed request)', '"response" must be a string']
 
 
 def test_a_responses_file_that_is_no_file_or_no_text_is_named_as_such(tmp_path, capsys):

@@ -17,8 +17,8 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
     (compared whole, ignoring case and the spaces around it). A kind is checked as in a prompt file."""
     path = Path(path)
     persona = persona or default_persona()
-    rows = []
-    for row in read_jsonl(path, "responses", '{"id": ..., "prompt": ..., "response": ...}'):
+
+    def answer_row(row: dict) -> dict:
         response = row.get("response")
         if response is not None and not isinstance(response, str):
             raise DeepRedError(f"{path}:{row['_line']}: \"response\" must be a string")
@@ -26,7 +26,9 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
             raise DeepRedError(f"{path}:{row['_line']}: needs a \"response\" (or an \"error\" for a failed request)")
         entry = prompt_fields(row, f"response-{row['_line']:03d}", checked_kind(row, persona, path))
         entry.update(response=response or "", error=row.get("error") or None)
-        rows.append(entry)
+        return entry
+
+    rows = read_jsonl(path, "responses", '{"id": ..., "prompt": ..., "response": ...}', check=answer_row)
     check_unique_ids(rows, path)
     return _with_known_temporal_kinds(rows, prompts_path, persona)
 
