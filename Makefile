@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/deepred demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, for keeping the suite inside CI's time
 
 # each guard weakened in a scratch copy must fail its own tests (tests/guards.py); also part of `make test`
 guard-check: setup
