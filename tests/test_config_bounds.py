@@ -23,6 +23,7 @@ LIMITS = [
     (TrainConfig, "warmup_ratio", 0.0, -0.1),
     (TrainConfig, "lora_r", 1, 0),
     (TrainConfig, "lora_layers", 1, 0),               # adapting no block trains nothing (None: every block)
+    (TrainConfig, "neftune_noise_alpha", 1e-6, 0.0),  # zero noise is off: None says so (a negative scale is the same noise)
     (TrainConfig, "horizon_examples", 0, -1),         # a negative count was read as "none" without a word
     (TrainConfig, "save_steps", 1, 0),
     (RunConfig, "prefer_steps", 1, 0),

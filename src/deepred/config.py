@@ -76,6 +76,9 @@ class TrainConfig(Checked):
     lora_r: int = opt(32, "LoRA rank", at_least=1)
     lora_alpha: int = opt(64, "LoRA alpha", at_least=1)
     lora_dropout: float = opt(0.05, "LoRA dropout", at_least=0, below=1)
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings while "
+                                                  "training (the paper's alpha, e.g. 5; default off); rows then train "
+                                                  "in padded batches", above=0)
     lora_targets: str = opt("all", "modules LoRA adapts: all (every attention and MLP projection), attention, mlp, "
                                    "or module names such as q_proj,v_proj")
     lora_layers: int | None = opt(None, "adapt only the last N transformer blocks (PEFT's layers_to_transform): "

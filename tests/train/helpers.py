@@ -36,9 +36,10 @@ LOSS_REL = 1e-5
 GRAD_ABS = 1e-5
 
 
-def make_trainer(tiny_model, tmp_path, **plan_changes):
+def make_trainer(tiny_model, tmp_path, cfg_changes: dict | None = None, **plan_changes):
     cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path),
-                      batch_size=4, gradient_accumulation_steps=1, val_split=0, max_steps=1, lora_dropout=0)
+                      batch_size=4, gradient_accumulation_steps=1, val_split=0, max_steps=1, lora_dropout=0,
+                      **(cfg_changes or {}))
     hw = detect_hardware("fp32")
     report, _ = load_for_training(cfg.dataset, False, lambda *a: None)
     tokenizer = load_tokenizer(str(tiny_model), False)

@@ -62,6 +62,15 @@ def test_cpu_plan_runs_eager_attention_on_short_padded_rows_under_bf16(p95, chan
     assert plan_batches(TrainConfig(**changes), Hardware("cuda", False, True, False, 1), p95_length=p95).attention is None
 
 
+@pytest.mark.parametrize("profile", ["fast", "lean", "reference"])
+def test_rocm_trains_with_eager_attention_under_every_profile_unless_the_user_chose(profile):
+    rocm = Hardware("cuda", True, True, False, 1)
+    plan = plan_batches(TrainConfig(profile=profile), rocm, p95_length=1000)
+    assert plan.attention == "eager" and "eager attention" in plan.describe(1)
+    assert plan_batches(TrainConfig(profile=profile, attn_implementation="sdpa"), rocm).attention is None
+    assert plan_batches(TrainConfig(profile=profile, method="orpo"), rocm).attention == "eager"
+
+
 def test_the_plans_attention_reaches_the_model_unless_the_user_chose_one(tiny_model):
     cpu = detect_hardware("fp32")
     assert load_model(TrainConfig(), str(tiny_model), cpu, "eager").config._attn_implementation == "eager"

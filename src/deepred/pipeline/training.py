@@ -33,6 +33,8 @@ OWN_ANSWERS, PERSONA_ANSWERS = "own", "persona"
 def train_inputs(run: Run) -> dict:
     dataset, _ = resolve_dataset(run.cfg.dataset)
     settings = {f.name: getattr(run.cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name in TRAINING_INPUTS}
+    if settings["neftune_noise_alpha"] is None:  # runs made before the setting keep their fingerprint
+        del settings["neftune_noise_alpha"]
     inputs = {"dataset_sha256": file_sha256(dataset), "base_model": model_identity(run.base_model), **settings}
     if run.cfg.horizon_examples > 0:  # the examples are made from the persona file's horizon
         inputs["persona_sha256"] = file_sha256(load_persona(run.cfg.persona).file)
@@ -130,7 +132,7 @@ def prefer_stage(run: Run, previous: dict) -> dict:
     return run_training(run, "prefer", previous, "prefer-deepred", method=run.cfg.preference,
                         pairs=str(run.path("pairs", "pairs")), init_adapter=str(run.path("train", "adapter")),
                         max_steps=run.cfg.prefer_steps, learning_rate=run.cfg.prefer_learning_rate,
-                        horizon_examples=0, period_answers=None, max_samples=None)
+                        horizon_examples=0, period_answers=None, max_samples=None, neftune_noise_alpha=None)
 
 
 def final_adapter(run: Run) -> tuple[str, Path]:

@@ -22,7 +22,7 @@ class Hardware:
 
     def describe(self) -> str:
         mixed = " autocast over float32 weights" if self.device == "cpu" and self.bf16 else ""
-        return f"{self.device}{' (ROCm, eager attention)' if self.rocm else ''}, precision {self.precision}{mixed}"
+        return f"{self.device}{' (ROCm)' if self.rocm else ''}, precision {self.precision}{mixed}"
 
 
 def cpu_has_bf16() -> bool:

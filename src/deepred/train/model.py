@@ -33,12 +33,10 @@ def load_model(cfg: TrainConfig, base_model: str, hw: Hardware, attention: str |
               # on a CPU bf16 is autocast over float32 weights (mixed precision), not bf16 weights
               "dtype": torch.float32 if hw.device == "cpu" else torch.bfloat16 if hw.bf16 else torch.float16 if hw.fp16
               else torch.float32}
-    # auto: the plan's choice, else transformers' own (sdpa where the model supports it, eager where not, e.g.
-    # RWKV); eager on ROCm
-    if cfg.attn_implementation != "auto":
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    elif hw.rocm or attention:
-        kwargs["attn_implementation"] = attention or "eager"
+    # auto: the plan's choice (plan.plan_attention), else transformers' own (sdpa where the model supports it,
+    # eager where not, e.g. RWKV)
+    if cfg.attn_implementation != "auto" or attention:
+        kwargs["attn_implementation"] = attention if cfg.attn_implementation == "auto" else cfg.attn_implementation
     if cfg.use_4bit or cfg.use_8bit:
         kwargs["quantization_config"] = quantization_config(cfg, hw)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}

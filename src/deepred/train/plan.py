@@ -62,13 +62,20 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     if cfg.max_tokens_per_pass is not None and cfg.max_tokens_per_pass < 1:
         raise DeepRedError(f"--max_tokens_per_pass must be at least 1 (got {cfg.max_tokens_per_pass}); leave it out "
                            "to let the memory probe choose")
+    if cfg.neftune_noise_alpha is not None and cfg.method != "sft":
+        raise DeepRedError(f"--neftune_noise_alpha is for --method sft (a preference method's reference pass would "
+                           f"see the noise too); leave it out of --method {cfg.method}")
+    if cfg.max_tokens_per_pass is not None and cfg.neftune_noise_alpha is not None:
+        raise DeepRedError("--neftune_noise_alpha needs padded batches (its noise is scaled by each row's length) and "
+                           "--max_tokens_per_pass needs padding-free ones; leave one of them out")
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process = max(1, effective // hw.world_size)
     on_cuda = hw.device == "cuda" and not hw.rocm
     fused = on_cuda and liger and "lm_head" not in cfg.modules_to_save
     if cfg.profile == "reference":
         micro = cfg.micro_batch_size or cfg.batch_size
-        return BatchPlan(micro, max(1, per_process // micro), True, False, "trl", False)
+        return BatchPlan(micro, max(1, per_process // micro), True, False, "trl", False,
+                         attention=plan_attention(cfg, hw, False, None))
     micro = cfg.micro_batch_size or (per_process if hw.device == "cuda" else cfg.batch_size)
     micro = max(1, min(micro, per_process))
     while per_process % micro:
@@ -76,15 +83,26 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     layer_kernels = fused and not (cfg.use_4bit or cfg.use_8bit)
     if cfg.method != "sft":  # TRL's preference trainers pad their pairs and compute their own loss
         return BatchPlan(micro, per_process // micro, cfg.profile == "lean", False, cfg.method,
-                         layer_kernels and cfg.method == "dpo", attention=cpu_attention(cfg, hw, False, p95_length))
+                         layer_kernels and cfg.method == "dpo", attention=plan_attention(cfg, hw, False, p95_length))
     # On a CPU padded batches of 4 ran as fast as padding-free ones (SmolLM2: 221-255 vs 227 tokens/s), whose
-    # attention mask covers the whole row; a token budget needs padding-free rows to cut.
-    padding_free = hw.device == "cuda" or cfg.max_tokens_per_pass is not None
+    # attention mask covers the whole row; a token budget needs padding-free rows to cut. NEFTune scales its noise
+    # by the length of the row it sees, which a padding-free row of several examples would shrink.
+    padding_free = (hw.device == "cuda" or cfg.max_tokens_per_pass is not None) and cfg.neftune_noise_alpha is None
     # Under FSDP the output layer's weight is sharded outside the model's own forward pass, where the supervised
     # loss applies it; TRL's loss stays inside that pass (unmeasured on GPUs: README, "More than one GPU")
     loss = "trl" if fsdp else "liger" if fused else "supervised"
     return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free, loss, layer_kernels,
-                     cfg.max_tokens_per_pass, cpu_attention(cfg, hw, padding_free, p95_length))
+                     cfg.max_tokens_per_pass, plan_attention(cfg, hw, padding_free, p95_length))
+
+
+def plan_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:
+    """The attention kernel `--attn_implementation auto` asks for; None: the model's own (sdpa where it has one).
+    Eager on ROCm under every profile (the stable kernel on AMD GPUs), and on a CPU where cpu_attention says."""
+    if cfg.attn_implementation != "auto":
+        return None
+    if hw.rocm:
+        return "eager"
+    return cpu_attention(cfg, hw, padding_free, p95_length) if cfg.profile != "reference" else None
 
 
 def cpu_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:

@@ -118,6 +118,7 @@ def common_arguments(cfg: TrainConfig, plan: BatchPlan, hw: Hardware, output_dir
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         weight_decay=0.0,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
         optim="adamw_torch_fused" if hw.device == "cuda" else "adamw_torch",
         bf16=hw.bf16,
         fp16=hw.fp16,
