@@ -66,7 +66,7 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
         raise DeepRedError(f"--neftune_noise_alpha is for --method sft (a preference method's reference pass would "
                            f"see the noise too); leave it out of --method {cfg.method}")
     if cfg.max_tokens_per_pass is not None and cfg.neftune_noise_alpha is not None:
-        raise DeepRedError("--neftune_noise_alpha needs padded batches (its noise is scaled by each row's length) and "
+        raise DeepRedError("--neftune_noise_alpha needs padded batches (its noise is scaled by the length of the row it sees) and "
                            "--max_tokens_per_pass needs padding-free ones; leave one of them out")
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process = max(1, effective // hw.world_size)
@@ -75,7 +75,7 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     if cfg.profile == "reference":
         micro = cfg.micro_batch_size or cfg.batch_size
         return BatchPlan(micro, max(1, per_process // micro), True, False, "trl", False,
-                         attention=plan_attention(cfg, hw, False, None))
+                         attention=plan_attention(cfg, hw, False, p95_length))
     micro = cfg.micro_batch_size or (per_process if hw.device == "cuda" else cfg.batch_size)
     micro = max(1, min(micro, per_process))
     while per_process % micro:
@@ -102,18 +102,18 @@ def plan_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_lengt
         return None
     if hw.rocm:
         return "eager"
-    return cpu_attention(cfg, hw, padding_free, p95_length) if cfg.profile != "reference" else None
+    return cpu_attention(hw, padding_free, p95_length) if cfg.profile != "reference" else None
 
 
-def cpu_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:
-    """Eager attention for padded CPU batches of short rows under bf16 autocast, where `--attn_implementation auto`
-    would get sdpa.
+def cpu_attention(hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:
+    """Eager attention for padded CPU batches of short rows under bf16 autocast (plan_attention asks, for
+    `--attn_implementation auto` outside the reference profile), where the model would get sdpa.
 
     Why (benchmarks/RESULTS.md, SmolLM2 LoRA steps of 4 rows): PyTorch's CPU sdpa kernel under bf16 autocast took
     18 % of a step at 200 tokens, where eager attention made the step 14 % shorter (and the demo's SFT 14 %), but
     eager was slower at 320 and 512 tokens and in float32. So eager only where 95 % of the rows fit
     EAGER_CPU_MAX_TOKENS; padding-free rows are one long row and keep the kernel that builds their mask.
     """
-    if cfg.attn_implementation != "auto" or hw.device != "cpu" or not hw.bf16 or padding_free or p95_length is None:
+    if hw.device != "cpu" or not hw.bf16 or padding_free or p95_length is None:
         return None
     return "eager" if p95_length <= EAGER_CPU_MAX_TOKENS else None
