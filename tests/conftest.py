@@ -108,3 +108,6 @@ def gguf_file(tmp_path_factory):
         return converted[key]
 
     return make
+
+
+from .template_models import template_models  # noqa: E402,F401  (a session fixture shared by modules)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import math
-from pathlib import Path
 
 import pytest
 
@@ -22,62 +21,10 @@ from deepred.train.plan import plan_batches
 from deepred.train.trainer import build_trainer
 
 from .conftest import DATA
+from .template_models import TEMPLATES, model_with_tokenizer
 
 CHATS = DATA / "template_chats.jsonl"
-TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
-
-# name -> (template file shipped with TRL (the model's original template) or None for the tokenizer's own,
-#          special tokens the family's tokenizer has, bos, eos, the end-of-turn token after every reply)
-TEMPLATES = {
-    "qwen2.5": (None, [], None, None, "<|im_end|>"),
-    "smollm2": (None, [], None, None, "<|im_end|>"),  # ChatML with SmolLM's default system prompt
-    "llama3": ("llama3.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-    "gemma": ("gemma.jinja", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
-              "<end_of_turn>"),  # no system role: raises on one
-    "phi3": ("phi3.jinja", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>", "<|end|>"),
-}
-
-
 GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")  # TRL's training-only markers
-
-
-def _model_with_tokenizer(folder: Path, weights_from: Path, tokenizer) -> Path:
-    """The tiny model's weights (its vocabulary covers every id used here) beside the given tokenizer."""
-    folder.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
-        (folder / name).symlink_to(weights_from / name)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _tokenizer_with_template(base: Path, template: str, specials: list[str], bos: str | None, eos: str | None):
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
-    if bos:
-        tokenizer.bos_token = bos
-    if eos:
-        tokenizer.eos_token = eos
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def template_models(tmp_path_factory, tiny_model, smollm2_model) -> dict[str, Path]:
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("templates")
-    models = {"qwen2.5": tiny_model,
-              "smollm2": _model_with_tokenizer(root / "smollm2", tiny_model, AutoTokenizer.from_pretrained(smollm2_model))}
-    for name, (source, specials, bos, eos, _) in TEMPLATES.items():
-        if source:
-            template = (TRL_TEMPLATES / source).read_text()
-            models[name] = _model_with_tokenizer(root / name, tiny_model,
-                                                 _tokenizer_with_template(tiny_model, template, specials, bos, eos))
-    return models
 
 
 def _runs(labels: list[int]) -> list[tuple[int, int]]:
@@ -191,7 +138,7 @@ def test_a_template_that_hides_where_replies_are_is_one_clear_line(template, pro
     with pytest.raises(TemplateError, match="chat template"):
         ChatFormat.of(tokenizer).tokenize([{"role": "user", "content": "Hi."},
                                            {"role": "assistant", "content": "Hello, comrade."}])
-    model_dir = _model_with_tokenizer(tmp_path / "model", tiny_model, tokenizer)
+    model_dir = model_with_tokenizer(tmp_path / "model", tiny_model, tokenizer)
     code = main(["train", "--base_model", str(model_dir), "--dataset", str(CHATS), "--output_dir",
                  str(tmp_path / "run"), "--max_steps", "1"])
     err = capsys.readouterr().err

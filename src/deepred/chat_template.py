@@ -12,13 +12,16 @@ The model writes `rendering[len(prompt) : end of that token]`: the reply and the
 whole rendering whose characters overlap that span carry the loss; system, user and template scaffolding do not.
 
 Templates with no system role (Gemma 1/2, older Mistral raise on one; some drop it) get the system prompt at the
-start of the first user message, separated by a blank line, as Gemma 3's own template does. Never dropped.
+start of the first user message, separated by a blank line, as Gemma 3's own template does. Never dropped. Whatever
+else renders a chat for the model (merge's verification, the GGUF check, evaluation, `deepred serve`) folds it the
+same way through `template_messages` / `fold_system_prompt`, so the model is asked as it was trained.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import DeepRedError
 
@@ -30,6 +33,50 @@ LEADING_WHITESPACE = re.compile(r"\s*")
 
 class TemplateError(DeepRedError):
     """The chat template cannot yield an assistant-only loss mask; the message names the template's problem."""
+
+
+def has_system_role(render: Callable[[list[dict]], str]) -> bool:
+    """Whether a template (given as a function that renders messages) keeps a system message: False when it raises
+    on one (Gemma 1/2, Mistral v0.1) or silently drops it."""
+    probe = [{"role": "system", "content": SYSTEM_MARKER}, {"role": "user", "content": "Hello."},
+             {"role": "assistant", "content": "Hello, comrade."}]
+    try:
+        return SYSTEM_MARKER in render(probe)
+    except Exception:  # noqa: BLE001 - jinja's raise_exception() and template bugs alike
+        return False
+
+
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """The messages with a leading system prompt moved to the start of the first user message (blank line between),
+    for a template with no system role. Copies; the caller's messages are left as they are."""
+    messages = [dict(m) for m in messages]
+    if not (messages and messages[0].get("role") == "system"):
+        return messages
+    system, rest = _text_of(messages[0].get("content")), messages[1:]
+    for message in rest:
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # OpenAI content parts (text, images): the prompt goes first as text
+                message["content"] = [{"type": "text", "text": f"{system}\n\n"}, *content]
+            else:
+                message["content"] = f"{system}\n\n{content or ''}"
+            return rest
+    raise TemplateError("this chat template has no system role and the conversation has no user turn to carry "
+                        "the system prompt")
+
+
+def _text_of(content) -> str:
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def template_messages(tokenizer, messages: list[dict]) -> list[dict]:
+    """The messages as a Hugging Face tokenizer's chat template takes them: the system prompt folded into the first
+    user message where the template has no system role, as training does."""
+    if has_system_role(lambda chat: tokenizer.apply_chat_template(chat, tokenize=False)):
+        return messages
+    return fold_system_prompt(messages)
 
 
 @dataclass
@@ -50,33 +97,16 @@ class ChatFormat:
         special = {str(t) for t in tokenizer.all_special_tokens}
         special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         fmt = cls(tokenizer, False, tuple(sorted((t for t in special if t), key=len, reverse=True)))
-        fmt.fold_system = fmt._needs_system_fold()
+        fmt.fold_system = not has_system_role(fmt.render)
         if fmt.fold_system:
             log("chat template: no system role; the system prompt is put at the start of the first user message "
                 "(separated by a blank line), as templates without one expect")
         return fmt
 
-    def _needs_system_fold(self) -> bool:
-        probe = [{"role": "system", "content": SYSTEM_MARKER}, {"role": "user", "content": "Hello."},
-                 {"role": "assistant", "content": "Hello, comrade."}]
-        try:
-            text = self.render(probe)
-        except TemplateError:
-            return True  # raised on the system role (Gemma 1/2, Mistral v0.1)
-        return SYSTEM_MARKER not in text  # silently dropped
-
     def conversation(self, messages: list[dict]) -> list[dict]:
         """The messages as this template takes them (system prompt folded in where it has no system role)."""
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if not (self.fold_system and messages and messages[0]["role"] == "system"):
-            return messages
-        system, rest = messages[0]["content"], messages[1:]
-        for message in rest:
-            if message["role"] == "user":
-                message["content"] = f"{system}\n\n{message['content']}"
-                return rest
-        raise TemplateError("this chat template has no system role and the conversation has no user turn to carry "
-                            "the system prompt")
+        return fold_system_prompt(messages) if self.fold_system else messages
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
@@ -133,12 +163,29 @@ def _overlaps(start: int, stop: int, a: int, b: int) -> bool:
     return start < b and stop > a
 
 
-def tokenize_examples(examples: list[dict], fmt: ChatFormat, source: object = "dataset") -> list[dict]:
-    """Every example tokenized with its mask; a template problem is reported as SOURCE:LINE of the first example."""
-    rows = []
-    for example in examples:
+def tokenize_each(examples: list[dict], fmt: ChatFormat, source: object = "dataset") -> tuple[list[dict], dict[int, str]]:
+    """The examples the template takes, tokenized with their masks; and {index: "SOURCE:LINE: problem"} for each
+    example it refuses (a template without a system role may refuse only some conversations, e.g. two replies in a
+    row)."""
+    rows, refused = [], {}
+    for index, example in enumerate(examples):
         try:
             rows.append(fmt.tokenize(example["messages"]))
         except TemplateError as exc:
-            raise TemplateError(f"{source}:{example.get('line', '?')}: {exc}") from exc
+            refused[index] = f"{source}:{example.get('line', '?')}: {exc}"
+    return rows, refused
+
+
+def tokenize_examples(examples: list[dict], fmt: ChatFormat, source: object = "dataset") -> list[dict]:
+    """Every example tokenized with its mask; a template problem is reported as SOURCE:LINE of the first example
+    (and how many more share it)."""
+    rows, refused = tokenize_each(examples, fmt, source)
+    if refused:
+        raise TemplateError(refusal_line(refused))
     return rows
+
+
+def refusal_line(refused: dict[int, str]) -> str:
+    first = next(iter(refused.values()))
+    others = len(refused) - 1
+    return first + (f" (and {others} more example{'s' if others > 1 else ''} the template refuses)" if others else "")

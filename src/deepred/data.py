@@ -55,6 +55,14 @@ class DatasetReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def refuse(self, refused: dict[int, str]) -> None:
+        """Examples refused after reading ({index: "FILE:LINE: problem"}, e.g. by the chat template) become invalid
+        lines with their problems, and leave the examples."""
+        self.problems += refused.values()
+        self.invalid_lines += len(refused)
+        self.turns -= sum(len(self.examples[i]["messages"]) for i in refused)
+        self.examples = [example for i, example in enumerate(self.examples) if i not in refused]
+
 
 def check_message(message, index: int, where: str) -> list[str]:
     """Problems of one {"role", "content"} message at 0-based `index` of a conversation; `where` names it."""

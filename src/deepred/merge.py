@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .chat_template import template_messages
 from .config import MergeConfig
 from .errors import DeepRedError
 from .files import atomic_folder, output_lock, refuse_output_over_inputs
@@ -127,18 +128,24 @@ def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str,
     tokenizer = AutoTokenizer.from_pretrained(merged_path)
     sample = sample_chat(persona or load_persona(None))
     chats = [sample, *([sample[0], {"role": "user", "content": q}] for q in CHECK_QUESTIONS)]
-    batches = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    batches = [tokenizer.apply_chat_template(template_messages(tokenizer, chat), add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)
                for chat in chats]
     merged = from_pretrained(AutoModelForCausalLM, str(merged_path), dtype=dtype).eval()
     reference = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, base_model, dtype=dtype),
                                           str(lora_path)).eval()
-    worst, scale = 0.0, 0.0
+    worst, scale, finite = 0.0, 0.0, True
     with torch.no_grad():
         for batch in batches:
             a = merged(**batch).logits.float()
             b = reference(**batch).logits.float()
+            finite = finite and bool(torch.isfinite(a).all() and torch.isfinite(b).all())  # max() skips a NaN
             worst = max(worst, (a - b).abs().max().item())
             scale = max(scale, b.abs().max().item())
+        if not finite:
+            raise DeepRedError("merge verification failed: the logits are not finite (NaN or infinity), so the "
+                               "adapter's weights are not numbers (its training diverged: lower --learning_rate and "
+                               "train again); nothing was written")
         tolerance = VERIFY_TOLERANCE[dtype_name] * max(1.0, scale)
         if worst > tolerance:
             raise DeepRedError(f"merge verification failed: merged logits differ from base+adapter by {worst:.3g} "

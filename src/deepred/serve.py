@@ -20,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from .chat_template import has_system_role
 from .config import ServeConfig
 from .errors import DeepRedError
+from .gguf_file import read_fields
 from .llama_runtime import assert_no_repacking, cpu_threads, die_with_parent, weight_repacking_disabled
 from .serve_requests import RequestFilter
 
@@ -111,7 +113,7 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
         except ValueError as exc:  # llama.cpp could not load the first model
             raise DeepRedError(f"llama.cpp cannot load {next(iter(models.values()))} ({exc}); the file is damaged or "
                                "not a GGUF model: convert it again with `deepred convert`") from exc
-        app = _locked_down(app, list(models), cfg.cors_origins)
+        app = _locked_down(app, list(models), cfg.cors_origins, models_without_system_role(models))
         proxy = _llama_proxy()
         if proxy is not None and proxy._current_model is not None:
             assert_no_repacking(proxy._current_model)
@@ -124,7 +126,22 @@ def serve(cfg: ServeConfig, add_model: list[str] | None = None, log=print) -> No
                 proxy.free()  # closes the model now instead of at interpreter exit
 
 
-def _locked_down(app, names: list[str], cors_origins: list[str]):
+def models_without_system_role(models: dict[str, Path]) -> set[str]:
+    """The aliases whose GGUF chat template has no system role, rendered as llama-cpp-python renders it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    aliases = set()
+    for alias, path in models.items():
+        field = read_fields(path).get("tokenizer.chat_template")
+        if field is None:  # llama-cpp-python's fallback format, which has a system role
+            continue
+        formatter = Jinja2ChatFormatter(template=str(field.contents()), eos_token="", bos_token="")
+        if not has_system_role(lambda messages: formatter(messages=messages).prompt):
+            aliases.add(alias)
+    return aliases
+
+
+def _locked_down(app, names: list[str], cors_origins: list[str], without_system_role: set[str]):
     """Answer only for the models listed, and let only the given web origins call from a browser.
 
     llama-cpp-python answers a request for any `model` with its current model, under the requested name, and
@@ -136,7 +153,7 @@ def _locked_down(app, names: list[str], cors_origins: list[str]):
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    return RequestFilter(app, names)
+    return RequestFilter(app, names, without_system_role)
 
 
 def _llama_proxy():

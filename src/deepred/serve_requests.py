@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from .chat_template import TemplateError, fold_system_prompt
+
 # The app's POST routes and the request model (in llama_cpp.server.types) each one reads its body with.
 ROUTE_MODELS = {
     "/v1/chat/completions": "CreateChatCompletionRequest",
@@ -29,11 +31,14 @@ class RequestFilter:
     - a body that is not one JSON object (empty, not UTF-8, cut short, a list) gets 400 and what is wrong with it;
     - a request naming a model that is not served gets 404 and the list of served names;
     - a request the route's model refuses (a field of the wrong type, an unknown role, a required field missing) or
-      a chat request without messages gets 400, naming each field (`messages[0].role`) and what it should be.
+      a chat request without messages gets 400, naming each field (`messages[0].role`) and what it should be;
+    - a chat request to a model whose template has no system role (`without_system_role`: Gemma 1/2, Mistral v0.1,
+      which raise on one or drop it) gets its system prompt at the start of the first user message, as training put
+      it there.
     """
 
-    def __init__(self, app, names: list[str]):
-        self.app, self.names = app, names
+    def __init__(self, app, names: list[str], without_system_role: set[str] = frozenset()):
+        self.app, self.names, self.without_system_role = app, names, without_system_role
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -54,6 +59,12 @@ class RequestFilter:
         param, problem = request_problem(scope.get("path", ""), request)
         if problem is not None:
             return await error_response(400, problem, "invalid_request", param=param)(scope, receive, send)
+        if scope.get("path") == "/v1/chat/completions" and \
+                (model if isinstance(model, str) else self.names[0]) in self.without_system_role:
+            try:
+                body = json.dumps({**request, "messages": fold_system_prompt(request["messages"])}).encode()
+            except TemplateError as exc:
+                return await error_response(400, str(exc), "invalid_request", param="messages")(scope, receive, send)
         sent = False
 
         async def replay():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat_template import ChatFormat, TemplateError, tokenize_examples
+from .chat_template import ChatFormat, TemplateError, tokenize_each
 from .data import DatasetReport, summarize, validate_file
 from .models.loading import load_tokenizer
 from .models.registry import resolve_base_model
@@ -47,10 +47,14 @@ def template_check(report: DatasetReport, base_model: str, trust_remote_code: bo
     """Tokenize every example with the model's chat template, as training will; a template problem is a problem."""
     tokenizer = load_tokenizer(resolve_base_model(base_model), trust_remote_code)
     try:
-        rows = tokenize_examples(report.examples, ChatFormat.of(tokenizer), report.path)
-    except TemplateError as exc:
+        rows, refused = tokenize_each(report.examples, ChatFormat.of(tokenizer), report.path)
+    except TemplateError as exc:  # the template itself (no template, a slow tokenizer)
         report.problems.append(str(exc))
         lines.append(report.problems[-1])
+        return None
+    report.refuse(refused)
+    lines += refused.values()
+    if not rows:
         return None
     supervised = sum(sum(row["assistant_masks"]) for row in rows)
     total = sum(len(row["input_ids"]) for row in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..chat_template import template_messages
 from ..config import EvalConfig
 from ..errors import DeepRedError
 from ..models.loading import from_pretrained
@@ -76,8 +77,8 @@ class LocalModel:
 
         tokenizer = self.tokenizer
         tokenizer.padding_side = "left"
-        texts = [tokenizer.apply_chat_template(chat_messages(system_prompt, q), tokenize=False,
-                                               add_generation_prompt=True) for q in questions]
+        chats = [template_messages(tokenizer, chat_messages(system_prompt, q)) for q in questions]
+        texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}

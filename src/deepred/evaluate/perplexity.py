@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from ..chat_template import template_messages
 from .coherence import PPL_LIMIT
 from .models import adapter_disabled, load_causal_lm
 from ..persona import Persona, default_persona
@@ -37,7 +38,8 @@ class PerplexityScorer:
 
     def _context(self, prompt: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(chat_messages(self.system_prompt, prompt), tokenize=False,
+            messages = template_messages(self.tokenizer, chat_messages(self.system_prompt, prompt))
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=True)
         return prompt + "\n"
 

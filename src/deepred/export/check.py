@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..chat_template import template_messages
 from ..errors import DeepRedError
 from ..llama_runtime import load_llama
 from ..models.registry import resolve_base_model
@@ -40,7 +41,8 @@ CHECK_CONVERSATIONS = [
 
 
 def render_conversations(tokenizer) -> list[str]:
-    return [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [tokenizer.apply_chat_template(template_messages(tokenizer, messages), tokenize=False,
+                                          add_generation_prompt=True)
             for messages in CHECK_CONVERSATIONS]
 
 

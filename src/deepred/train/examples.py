@@ -15,7 +15,7 @@ import json
 import math
 import random
 
-from ..chat_template import ChatFormat, TemplateError, tokenize_examples
+from ..chat_template import ChatFormat, TemplateError, refusal_line, tokenize_each
 from ..config import TrainConfig
 from ..data import DatasetReport, load_for_training, summarize, token_statistics, vary_system_prompts
 from ..errors import DeepRedError
@@ -46,6 +46,9 @@ def load_data(cfg: TrainConfig, log):
     return report, data_hash
 
 
+REPEATS_WORTH_SAYING = 3  # horizon rows repeated this often on average crowd out the dataset's own voice
+
+
 def with_horizon(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -> tuple[DatasetReport, str]:
     persona = load_persona(cfg.persona)
     if persona.horizon is None:
@@ -58,6 +61,11 @@ def with_horizon(report: DatasetReport, data_hash: str, cfg: TrainConfig, log) -
     log(f"--horizon_examples {cfg.horizon_examples}: {len(rows)} examples added from {persona.file.name} "
         f"({sum(r['source'] == 'horizon' for r in rows)} questions about later years, {period} period facts"
         + (f", the {len(own)} the model knows in its own words from {cfg.period_answers})" if own is not None else ")"))
+    distinct = len({json.dumps(row["messages"]) for row in rows})
+    if distinct * REPEATS_WORTH_SAYING < len(rows):
+        log(f"note: the {len(rows)} horizon examples hold only {distinct} different conversations (each about "
+            f"{len(rows) / distinct:.0f} times), beside {len(report.examples)} from {report.path.name}; add topics, "
+            "years, questions or facts to the persona file's horizon, or lower --horizon_examples")
     combined = extended_hash(data_hash, rows)
     return dataclasses.replace(report, examples=report.examples + added, turns=report.turns + 3 * len(rows)), combined
 
@@ -79,7 +87,18 @@ def training_rows(cfg: TrainConfig, report, tokenizer, log) -> list[dict]:
     fmt = ChatFormat.of(tokenizer, log)
     if cfg.method != "sft":
         return pair_rows(report.pairs, fmt, report.path)
-    return tokenize_examples(report.examples, fmt, report.path)
+    rows, refused = tokenize_each(report.examples, fmt, report.path)
+    if not refused:
+        return rows
+    if len(refused) > 1:
+        for problem in refused.values():
+            log(problem)
+    if not (cfg.skip_invalid and rows):
+        raise TemplateError(refusal_line(refused) + (f"; fix the example(s) or pass --skip_invalid to train on the "
+                                                     f"other {len(rows)}" if rows else ""))
+    log(f"--skip_invalid: dropped {len(refused)} example(s) the chat template refuses, training on {len(rows)}")
+    report.refuse(refused)  # the data summary counts them
+    return rows
 
 
 def row_length(row: dict) -> int:
