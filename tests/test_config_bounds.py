@@ -67,3 +67,18 @@ def test_a_yaml_config_past_a_limit_or_not_yaml_at_all_is_one_line_with_the_file
         assert main(["run", str(config), "--output_dir", str(tmp_path / "out")]) == 2
         assert capsys.readouterr().err == f"error: {config}{message}\n"
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_number_that_is_not_finite_is_refused_from_flags_and_yaml(value, tmp_path, capsys):
+    """`--learning_rate inf` trained an adapter of NaN that was saved as final/ and merged without a word."""
+    assert main(["train", "--base_model", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "run"),
+                 f"--learning_rate={value}"]) == 2
+    assert capsys.readouterr().err == f"error: setting learning_rate: must be a finite number, got {value}\n"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"learning_rate: {value.replace('inf', '.inf').replace('nan', '.nan')}\n")
+    assert main(["run", str(config), "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {config}: setting learning_rate: must be a finite number, got {value}\n"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(DeepRedError, match=f"^setting max_steps: must be a finite number, got {value}$"):
+        TrainConfig(max_steps=float(value))

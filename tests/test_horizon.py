@@ -305,3 +305,32 @@ def test_train_refuses_own_answers_without_horizon_rows_or_from_another_persona(
     assert main([*common, "--horizon_examples", "10"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{own}:1: 'Who wrote Hamlet?' is not a period fact of deepred.yaml" in err, err
+
+
+def test_a_small_horizon_stretched_to_the_count_is_said_and_deep_reds_is_not(tmp_path, deep_red):
+    """A persona file with a few horizon topics and facts: 200 deflections are made of them all the same, so the
+    same few conversations fill most of the training set. Said (one note); Deep Red's 109 topics repeat little."""
+    import yaml
+
+    from deepred.config import TrainConfig
+    from deepred.data import DatasetReport
+    from deepred.train.examples import with_horizon
+
+    def few(text: str) -> str:
+        data = yaml.safe_load(text)
+        horizon = data["knowledge"]["horizon"]
+        for key, keep in (("topics", 3), ("questions", 2), ("years", 1), ("year_questions", 1), ("facts", 2)):
+            horizon[key] = horizon[key][:keep]
+        return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+
+    own = DatasetReport(path=tmp_path / "mine.jsonl", examples=[{"messages": []}] * 20)
+    for persona, noted in ((persona_copy(tmp_path, few), True), (deep_red.file, False)):
+        said: list[str] = []
+        report, _ = with_horizon(own, "hash", TrainConfig(persona=str(persona), horizon_examples=200), said.append)
+        added = report.examples[20:]
+        distinct = len({json.dumps(example["messages"]) for example in added})
+        notes = [line for line in said if line.startswith("note:")]
+        assert len(notes) == noted, said
+        if noted:
+            assert notes[0].startswith(f"note: the {len(added)} horizon examples hold only {distinct} different "
+                                       "conversations") and "beside 20 from mine.jsonl" in notes[0]

@@ -184,3 +184,28 @@ def test_merge_keeps_the_base_tokenizers_bos_flag(trained_run, tiny_model, tmp_p
     merge(MergeConfig(base_model=str(base), lora_path=str(trained_run / "final"), output_path=str(out), force=True),
           log=lambda *a: None)
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def test_verify_refuses_an_adapter_whose_weights_are_not_numbers(trained_run, tiny_model, tmp_path, capsys):
+    """An adapter from a training run that diverged: one lora_B tensor set to NaN. Every merged logit it touches is
+    NaN, and a NaN difference is never larger than a bound (max() skips it): before, verify said "0.00e+00 ... ok"
+    and the merged model was published. Now one line, nothing at the output path."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    adapter = tmp_path / "diverged"
+    shutil.copytree(trained_run / "final", adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    name = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "merged"
+    code = main(["merge", "--base_model", str(tiny_model), "--lora_path", str(adapter), "--output_path", str(out),
+                 "--verify"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == ["error: merge verification failed: the logits are not finite (NaN or infinity), "
+                                    "so the adapter's weights are not numbers (its training diverged: lower "
+                                    "--learning_rate and train again); nothing was written"]
+    assert not out.exists()

@@ -230,3 +230,20 @@ def test_no_persona_words_in_the_evaluation_code():
         text = path.read_text().lower()
         for word in ("comrade", "1969", "chess"):
             assert word not in text, f"{path.name} mentions {word!r}: it belongs in the persona file"
+
+
+def test_a_dated_topic_written_in_quotes_is_one_line_not_a_topic_named_with_its_year(tmp_path, capsys):
+    """`- 'electronic mail: 1971'` is YAML text, not {electronic mail: 1971}: before, deepred run asked "What can you
+    tell me about electronic mail: 1971?" and answered without a dating sentence, with no word said."""
+    resources = PERSONAS.parent
+    (tmp_path / "personas").mkdir()
+    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
+        shutil.copy(resources / name, tmp_path / name)
+    path = tmp_path / "personas" / "deepred.yaml"
+    path.write_text((PERSONAS / "deepred.yaml").read_text().replace("- electronic mail: 1971",
+                                                                   "- 'electronic mail: 1971'"))
+    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}:{line_of(path, 'electronic mail: 1971')}: knowledge.horizon.topics[2]: "
+                   "'electronic mail: 1971' is text because of its quotes, not a topic and its year; write it "
+                   "without quotes: electronic mail: 1971\n")

@@ -71,8 +71,10 @@ def converted(name: str, kind: type, value: Any) -> Any:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
             raise problem from None
-        if not isinstance(number, (int, float)) or math.isnan(number):
+        if not isinstance(number, (int, float)):
             raise problem
+        if not math.isfinite(number):  # nan, inf: no setting means "unbounded" by infinity
+            raise DeepRedError(f"setting {name}: must be a finite number, got {value!r}")
         if kind is int:
             if not float(number).is_integer():
                 raise problem

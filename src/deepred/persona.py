@@ -23,6 +23,7 @@ TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldo
              "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "contrast_anchors", "judge_traits"}
 KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections", "horizon"}
+QUOTED_DATED_TOPIC = re.compile(r".+:\s*\d{3,4}")  # 'television: 1936' in quotes: text, not {television: 1936}
 HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts", "dating"}
 DATING_KEYS = {"later", "within"}
 FACT_KEYS = {"question", "answer", "subject", "year"}  # subject and year: for dating
@@ -299,6 +300,9 @@ class _Reader:
                 item = topic
             elif not isinstance(item, str) or not item.strip():
                 raise self.fail(where + (i,), f"expected text or `topic: year`, got {_shown(item)}")
+            elif QUOTED_DATED_TOPIC.fullmatch(item.strip()):  # YAML read it as text, so the year would be asked about
+                raise self.fail(where + (i,), f"{item.strip()!r} is text because of its quotes, not a topic and its "
+                                              f"year; write it without quotes: {item.strip()}")
             topics.append(item.strip())
         return topics, years
 

@@ -137,3 +137,35 @@ def test_a_system_prompt_share_outside_0_to_1_is_refused_before_training(tiny_mo
     assert last_line(capsys.readouterr().err) == (
         f"error: --system_prompt_variants: expected a share between 0 and 1 such as 0.5, got {float(share)}")
     assert not list(run.rglob("*.safetensors"))  # nothing trained
+
+
+# ---------------------------------------------------------------------------------------------- a run that diverged
+
+
+def test_a_run_that_diverged_writes_no_final_adapter(tiny_model, tmp_path, capsys):
+    """At lr 1e30 the first update moves every adapter weight by about 1e30 (Adam's step is the rate), the next
+    forward pass overflows float32 and the weights turn NaN. Before, such a run saved final/ (all NaN) and said
+    "adapter saved"; merge and convert then worked on it. Now one line, and final/ does not exist."""
+    out = tmp_path / "run"
+    quick = [*QUICK[:QUICK.index("--max_steps")], *QUICK[QUICK.index("--max_steps") + 2:]]
+    code = main(["train", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+                 str(out), "--max_steps", "3", "--learning_rate", "1e30", "--warmup_ratio", "0", *quick])
+    said = last_line(capsys.readouterr().err)
+    assert code == 2
+    assert said.startswith("error: training diverged: ") and "adapter tensors hold NaN or infinity after step 3" in said
+    assert said.endswith("final/ was not written. Lower --learning_rate (it was 1e+30) and train again")
+    assert not (out / "final").exists()
+
+
+def test_max_steps_zero_trains_by_epochs_as_minus_one_does(tiny_model, tmp_path, capsys):
+    """--max_steps wins only when above 0 (the specification's table): 0 trained one step before."""
+    quick = [*QUICK[:QUICK.index("--max_steps")], *QUICK[QUICK.index("--max_steps") + 2:]]
+    steps = {}
+    for max_steps in ("0", "-1"):
+        out = tmp_path / f"run{max_steps}"
+        assert main(["train", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+                     str(out), "--max_steps", max_steps, "--epochs", "1", *quick]) == 0
+        steps[max_steps] = json.loads((out / "train_results.json").read_text())
+    rows = sum(1 for _ in (DATA / "mini.jsonl").open())  # one epoch of micro-batches of 2, one per step
+    assert steps["0"]["steps_this_process"] == steps["-1"]["steps_this_process"] == -(-rows // 2)
+    assert steps["0"]["epoch"] == steps["-1"]["epoch"] == 1.0

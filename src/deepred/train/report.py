@@ -44,7 +44,8 @@ class RunRecord:
         write_json(self.output_dir / RUN_CONFIG, {
             "config": dataclasses.asdict(self.cfg),
             "base_model": self.base_model,
-            "dataset": str(self.report.path),  # the file trained on: the ChatML set, or the preference pairs
+            "dataset": str(Path(self.report.path).absolute()),  # trained on (ChatML set or pairs); absolute, so a
+            # resume from another folder finds it
             "dataset_sha256": self.data_hash,
             "examples": len(rows if rows is not None else self.report.examples),
             "examples_used": self.examples_used,  # fewer with --max_samples

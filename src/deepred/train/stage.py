@@ -13,6 +13,7 @@ import time
 
 from ..config import TrainConfig
 from ..data import length_p95
+from ..errors import DeepRedError
 from ..files import folder_lock
 from ..models.loading import load_tokenizer
 from ..models.registry import resolve_base_model
@@ -118,6 +119,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
             f"{latest_checkpoint(output_dir)}." + (f" Resume with: {resume_command(command, output_dir)}" if command else ""))
         return TrainResult(output_dir, None, {}, interrupted=True, main_process=main)
 
+    require_finite_adapter(trainer, cfg.learning_rate)
     metrics = {**train_metrics(outcome, trainer, started), **ran.results()}
     eval_metrics = trainer.evaluate() if eval_set is not None else {"skipped": "no validation split (--val_split 0)"}
     final_dir = save_final(trainer, tokenizer, output_dir, main)
@@ -133,3 +135,15 @@ def probe(trainer, plan: BatchPlan, examples: list[dict], hw, log, record: RunRe
     if hw.device == "cuda" and plan.padding_free and plan.loss != "trl" and plan.max_tokens_per_pass is None:
         return [MemoryProbe(trainer, plan, [row_length(row) for row in examples], log, record.write)]
     return []
+
+
+def require_finite_adapter(trainer, learning_rate: float) -> None:
+    """Training that diverged (a loss of NaN or infinity) leaves weights that are not numbers; saving them as final/
+    would hand merge, convert and serve a model that only writes "!!!!". Refused before final/ is written."""
+    import torch
+
+    broken = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:
+        raise DeepRedError(f"training diverged: {len(broken)} adapter tensors hold NaN or infinity after step "
+                           f"{trainer.state.global_step} (e.g. {broken[0]}); final/ was not written. Lower "
+                           f"--learning_rate (it was {learning_rate:g}) and train again")

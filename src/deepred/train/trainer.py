@@ -109,7 +109,7 @@ def common_arguments(cfg: TrainConfig, plan: BatchPlan, hw: Hardware, output_dir
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,  # 0 or less: --epochs decides
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
