@@ -82,3 +82,16 @@ def test_a_number_that_is_not_finite_is_refused_from_flags_and_yaml(value, tmp_p
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
     with pytest.raises(DeepRedError, match=f"^setting max_steps: must be a finite number, got {value}$"):
         TrainConfig(max_steps=float(value))
+
+
+def test_a_choice_in_another_letter_case_is_that_choice_and_a_wrong_one_is_one_line(tmp_path, capsys):
+    """LM Studio names its files Q4_K_M; argparse refused that with a usage dump, and YAML with a line."""
+    from deepred.config import ConvertConfig
+
+    assert ConvertConfig(quant_type="Q4_K_M").quant_type == "q4_k_m"
+    assert RunConfig(quant_types=["Q4_K_M", "F16"]).quant_types == ["q4_k_m", "f16"]
+    assert TrainConfig(profile="Lean").profile == "lean"
+    assert main(["convert", "--model_path", str(tmp_path / "none"), "--output_path", str(tmp_path / "x.gguf"),
+                 "--quant_type", "Q9_K"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: setting quant_type: 'Q9_K' is not one of f32, f16, ") and err.count("\n") == 1

@@ -282,8 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kwargs["metavar"] = "A,B"
         else:
             kwargs["type"] = kind
-        if "choices" in meta:
-            kwargs["choices"] = meta["choices"]
+        if "choices" in meta:  # checked by the config (one line, any letter case), listed in --help
+            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
         if meta.get("positional"):
             kwargs.pop("default")
             parser.add_argument(f.name, **kwargs)

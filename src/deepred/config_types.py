@@ -24,6 +24,13 @@ class Checked:
             setattr(self, f.name, checked_value(f, hints[f.name], getattr(self, f.name)))
 
 
+def canonical_choice(value: Any, choices) -> Any:
+    """A choice written in another letter case (`Q4_K_M`, as LM Studio names its files) is that choice."""
+    if isinstance(value, str) and value not in choices:
+        return next((c for c in choices if isinstance(c, str) and c.lower() == value.lower()), value)
+    return value
+
+
 def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     kind = base_type(tp)
     if value is None:
@@ -35,9 +42,13 @@ def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if outside:
         raise DeepRedError(f"setting {f.name}: must be {outside}, got {value!r}")
     choices = f.metadata.get("choices")
+    if choices:
+        value = canonical_choice(value, choices)
     if choices and value not in choices:
         raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
     item_choices = f.metadata.get("item_choices")
+    if item_choices:
+        value = [canonical_choice(item, item_choices) for item in value]
     bad = [item for item in value if item not in item_choices] if item_choices else []
     if bad:
         raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
