@@ -350,6 +350,9 @@ def ensure_writable_folder(folder: Path, flag: str) -> None:
     """Create `folder` if needed and prove a file can be written there (os.access says yes to root on read-only
     mounts), or stop with one line naming the flag to change."""
     folder = Path(folder)
+    taken = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise DeepRedError(f"{flag} {folder}: {taken} is a file, not a folder; choose another {flag}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -165,9 +165,11 @@ def test_user_errors_are_one_clear_line(tmp_path, args, message):
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(DeepRedError, match="is not writable"):
+    with pytest.raises(DeepRedError) as refused:  # said as it is; "not writable (File exists)" before
         train(TrainConfig(base_model="tiny", dataset=str(DATA / "mini.jsonl"), output_dir=str(blocker / "run")),
               log=lambda *_: None)
+    assert str(refused.value) == (f"--output_dir {blocker / 'run'}: {blocker} is a file, not a folder; choose another "
+                                  "--output_dir")
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model, tmp_path):
