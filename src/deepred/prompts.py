@@ -69,7 +69,8 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
     def prompt_row(row: dict) -> dict:
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DeepRedError(f"{path}:{row['_line']}: needs a non-empty \"prompt\" string")
-        return prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path))
+        return prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path),
+                             f"{path}:{row['_line']}")
 
     prompts = read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}', check=prompt_row)
     check_unique_ids(prompts, path)
@@ -106,8 +107,16 @@ def load_heldout_prompts(persona: Persona) -> list[dict]:
     return load_prompts(persona.heldout_prompts_path, persona)
 
 
-def prompt_fields(row: dict, default_id: str, kind: str | None = None) -> dict:
-    """id, category, prompt and, where given, kind (`kind`, already checked, else the row's) and expect_any."""
+def prompt_fields(row: dict, default_id: str, kind: str | None = None, where: str = "") -> dict:
+    """id, category, prompt and, where given, kind (`kind`, already checked, else the row's) and expect_any; a field
+    of the wrong type is one line naming `where` (FILE:LINE)."""
+    for name in ("category", "prompt"):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            raise DeepRedError(f"{where}: \"{name}\" must be text, got {type(row[name]).__name__} {row[name]!r}")
+    keys = row.get("expect_any")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) and k.strip() for k in keys)):
+        raise DeepRedError(f"{where}: \"expect_any\" must be a list of words a right answer names, e.g. "
+                           f"[\"gagarin\"], got {keys!r}")
     prompt = {"id": str(row.get("id") or default_id), "category": row.get("category"),
               "prompt": row.get("prompt") or ""}
     if kind or row.get("kind"):

@@ -24,7 +24,8 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
             raise DeepRedError(f"{path}:{row['_line']}: \"response\" must be a string")
         if response is None and not row.get("error"):
             raise DeepRedError(f"{path}:{row['_line']}: needs a \"response\" (or an \"error\" for a failed request)")
-        entry = prompt_fields(row, f"response-{row['_line']:03d}", checked_kind(row, persona, path))
+        entry = prompt_fields(row, f"response-{row['_line']:03d}", checked_kind(row, persona, path),
+                              f"{path}:{row['_line']}")
         entry.update(response=response or "", error=row.get("error") or None)
         return entry
 
@@ -34,14 +35,17 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
 
 
 def _with_known_temporal_kinds(rows: list[dict], prompts_path: str | Path | None, persona: Persona) -> list[dict]:
-    """Fill kind/expect_any for rows whose prompt is a temporal prompt of the prompt file (default: the persona's)."""
+    """Fill kind and expect_any, where a row leaves them out, for rows whose prompt is a temporal prompt of the prompt
+    file (default: the persona's)."""
     temporal = persona.temporal_category
     known = {p["prompt"].strip().lower(): p for p in load_prompts(prompts_path, persona)
              if p.get("category") == temporal}
     for row in rows:
         match = known.get(row["prompt"].strip().lower())
-        if row.get("category") == temporal and match and not row.get("kind"):
-            row["kind"] = match.get("kind")
-            if match.get("expect_any") and not row.get("expect_any"):
-                row["expect_any"] = match["expect_any"]
+        if row.get("category") != temporal or not match:
+            continue
+        if not row.get("kind") and match.get("kind"):
+            row["kind"] = match["kind"]
+        if row.get("kind") == match.get("kind") and match.get("expect_any") and not row.get("expect_any"):
+            row["expect_any"] = match["expect_any"]  # a control row that gave its kind still needs the keys
     return rows

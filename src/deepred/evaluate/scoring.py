@@ -97,5 +97,5 @@ def _temporal_verdict(row: dict, text: str, stats: dict, persona: Persona) -> di
     verdict = temporal_check(text, row.get("prompt") or "", row.get("kind"), row.get("expect_any"), persona)
     error = row.get("error")
     reason = (f"request failed: {error}" if error else None) or verdict["reason"] or \
-        (None if readable(stats) else "unreadable answer: compliance cannot be shown")
+        (None if legible(stats) else "unreadable answer: compliance cannot be shown")  # short is fine, noise is not
     return {"temporal_violation": reason is not None, "temporal_kind": verdict["kind"], "temporal_reason": reason}
