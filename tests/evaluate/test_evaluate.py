@@ -189,6 +189,24 @@ def test_compare_two_response_files(tmp_path):
     assert "base and tuned side by side" in (out / "report.html").read_text()
 
 
+def test_compare_refuses_base_answers_to_other_prompts_and_takes_them_in_any_order(tmp_path, capsys):
+    """13 tuned answers against 1 base answer to another prompt gave "difference: style -0.69" without a word."""
+    tuned = labelled_rows("in_persona", 4)
+    base = [{**row, "response": generic["response"]} for row, generic in zip(tuned, labelled_rows("generic_assistant", 4))]
+    answers = write_jsonl(tmp_path / "t.jsonl", tuned)
+    for name, rows, code in (("reordered", base[::-1], 0), ("fewer", base[:3], 2),
+                             ("other", [*base[:3], {**base[3], "prompt": "What is the colour of the sky?"}], 2)):
+        base_file = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        out = tmp_path / name
+        assert main(["evaluate", "--compare", "--responses", str(answers), "--base_responses", str(base_file),
+                     "--output_dir", str(out)]) == code, name
+        err = capsys.readouterr().err
+        if code:
+            assert err.startswith(f"error: --compare: {base_file} answers other prompts than the 4 being compared "
+                                  f"({len(rows)} answers; not answered there: ") and err.count("\n") == 1, err
+            assert not (out / "report.json").exists()
+
+
 def test_compare_without_a_base_is_a_clear_error(tmp_path, capsys):
     answers = write_jsonl(tmp_path / "a.jsonl", labelled_rows("in_persona", 2))
     assert main(["evaluate", "--compare", "--responses", str(answers), "--output_dir", str(tmp_path / "o")]) == 2

@@ -160,6 +160,7 @@ def _scored_sides(cfg: EvalConfig, persona: Persona, primary: Source, base: Sour
     if base:
         base_prompts = prompts or [prompt_fields(r, r["id"]) for r in answers[primary.label]]
         answers["base"] = collect_answers(base, base_prompts, cfg, persona, models, log)
+        refuse_other_prompts(answers[primary.label], answers["base"], base)
     for label, rows in answers.items():
         refuse_if_most_requests_failed(rows, primary if label == primary.label else base, output_dir, log)
     perplexity = _perplexity_scorer(cfg, persona, models, log)
@@ -181,6 +182,22 @@ def interrupted_note(output_dir: Path) -> str:
                else f"no report was written to {output_dir}")
     return (f"interrupted: the answers collected so far are lost (evaluate keeps none; running the command again asks "
             f"every prompt again); {on_disk}")
+
+
+def refuse_other_prompts(answers: list[dict], base_answers: list[dict], base: Source) -> None:
+    """Base answers read from a file must answer the prompts the other side answered (in any order): a comparison
+    of different questions would read as a difference between the models."""
+    def asked(rows: list[dict]) -> list[str]:
+        return sorted(" ".join(row["prompt"].split()).lower() for row in rows)
+
+    if base.kind != "responses" or asked(answers) == asked(base_answers):
+        return
+    missing = sorted(set(asked(answers)) - set(asked(base_answers)))
+    extra = sorted(set(asked(base_answers)) - set(asked(answers)))
+    example = (f"not answered there: {missing[0]!r}" if missing else f"answered only there: {extra[0]!r}") \
+        if missing or extra else "some prompts appear a different number of times"
+    raise DeepRedError(f"--compare: {base.responses} answers other prompts than the {len(answers)} being compared "
+                       f"({len(base_answers)} answers; {example}); give base answers to the same prompts")
 
 
 def refuse_if_most_requests_failed(rows: list[dict], source: Source, output_dir: Path, log) -> None:
