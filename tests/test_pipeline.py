@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from deepred.cli import build_parser, main
 from deepred.config import RunConfig, resolve_with_yaml
@@ -259,6 +260,18 @@ def test_the_preference_stages_make_pairs_train_the_same_lora_and_resume_after_e
                                 "convert": "running", "check": "running", "evaluate": "running", "deploy": "running"}
     merged = json.loads((run_dir / "merged-deepred" / "deepred_merge.json").read_text())
     assert merged["lora_path"] == str(prefer / "final")  # the model is the preference-trained adapter
+    # its card tells both stages: the ChatML set and the SFT settings, then the pairs; the command to reproduce
+    # trains on the ChatML set (it named the pairs file as --dataset, and showed only the DPO stage)
+    card = (run_dir / "merged-deepred" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    sft_config = json.loads((sft / "run_config.json").read_text())
+    assert front["datasets"] == [bundled_dataset_path().name, "pairs.jsonl"]
+    assert front["dataset_sha256"] == sft_config["dataset_sha256"]
+    assert front["preference_pairs_sha256"] == run_config["dataset_sha256"]
+    assert "### Stage 1: supervised fine-tuning" in card and "### Stage 2: DPO" in card
+    assert f"| learning_rate | {sft_config['config']['learning_rate']} |" in card  # the SFT stage's own settings
+    reproduce = card.split("## Reproduce")[1]
+    assert f"--dataset {bundled_dataset_path()}" in reproduce and "pairs.jsonl" not in reproduce
 
     # asking for present pairs makes the pairs again and retrains the preference stage, not SFT
     said = _run(tiny_model, run_dir, str(bundled_dataset_path()), **{**extra, "pair_present": 1}, evaluate=False)

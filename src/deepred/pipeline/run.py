@@ -112,7 +112,7 @@ def write_run_cards(run: Run) -> None:
     train_dir = Path(outputs[stage]["train_dir"])
     report_html = outputs.get("evaluate", {}).get("report")
     report = read_json(Path(report_html).with_name("report.json")) if report_html else None
-    dataset = read_json(train_dir / RUN_CONFIG).get("dataset")
+    dataset = read_json(Path(outputs["train"]["train_dir"]) / RUN_CONFIG).get("dataset")  # SFT's, not the pairs
     sources = CardSources(run.base_model, train_dir, report or None, run.cfg.persona,
                           commands=[run_command(run.cfg, dataset)])
     write_adapter_cards(train_dir, sources)

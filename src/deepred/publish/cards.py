@@ -62,6 +62,7 @@ class Card:
     persona: Persona
     run: dict  # run_config.json
     train_dir_name: str | None
+    earlier: dict  # run_config.json of the adapter this run continued (--init_adapter: SFT before DPO/ORPO), or {}
     results: dict  # train_results.json and eval_results.json (eval_ prefixed)
     report: dict | None
     commands: list[str]
@@ -79,9 +80,11 @@ def gather_card(kind: str, sources: CardSources) -> Card:
         if train_dir else {}
     files = [(Path(f).name, file_type_name(Path(f)), Path(f).stat().st_size / 2**20)
              for f in sources.files if Path(f).is_file()]
-    return Card(kind, sources.base_model, base_id, license_, family, load_persona(sources.persona),
-                read_json(train_dir / RUN_CONFIG) if train_dir else {}, train_dir.name if train_dir else None,
-                results, sources.report, list(sources.commands), files)
+    run = read_json(train_dir / RUN_CONFIG) if train_dir else {}
+    init_adapter = run.get("config", {}).get("init_adapter")
+    earlier = read_json(Path(init_adapter).parent / RUN_CONFIG) if init_adapter else {}
+    return Card(kind, sources.base_model, base_id, license_, family, load_persona(sources.persona), run,
+                train_dir.name if train_dir else None, earlier, results, sources.report, list(sources.commands), files)
 
 
 def base_model_facts(name: str) -> tuple[str, str | None, str | None]:
@@ -148,9 +151,12 @@ def metadata(card: Card) -> dict:
             "pipeline_tag": "text-generation", "tags": tags}
     if card.license:
         meta["license"] = card.license
-    if card.run.get("dataset"):
-        meta["datasets"] = [Path(card.run["dataset"]).name]
-        meta["dataset_sha256"] = card.run.get("dataset_sha256")
+    first = card.earlier or card.run  # the ChatML set of the SFT stage, where a preference stage followed it
+    if first.get("dataset"):
+        meta["datasets"] = list(dict.fromkeys(Path(r["dataset"]).name for r in (first, card.run) if r.get("dataset")))
+        meta["dataset_sha256"] = first.get("dataset_sha256")
+        if card.earlier:
+            meta["preference_pairs_sha256"] = card.run.get("dataset_sha256")
     return meta
 
 
@@ -196,24 +202,36 @@ def training_section(card: Card) -> str:
     run = card.run
     if not run:
         return "## Training\n\nNo run_config.json was found beside the adapter, so the settings are not known here."
-    config = run.get("config", {})
-    lines = ["## Training", "", f"Resolved settings from `{card.train_dir_name}/{RUN_CONFIG}` (every flag, defaults "
-             "included):", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {key} | {cell(value)} |" for key, value in config.items() if key not in SETTINGS_SHOWN_ELSEWHERE]
-    lines += ["", "| run | value |", "| --- | --- |",
-              f"| dataset file | `{Path(run.get('dataset', '?')).name}`, sha256 `{run.get('dataset_sha256')}` |",
-              f"| examples | {run.get('examples_used')} used of {run.get('examples')} "
-              f"({run.get('truncated_examples', 0)} truncated) |",
-              f"| tokens | {run.get('tokens_total')} |",
-              f"| effective batch | {run.get('effective_batch')} |",
-              f"| batch plan | {cell(run.get('batch_plan', {}))} |",
-              f"| hardware | {cell(run.get('hardware', {}))} |",
-              f"| LoRA targets | {cell(run.get('lora_target_modules'))} |",
-              f"| started | {run.get('started')} |"]
+    lines = ["## Training", ""]
+    if card.earlier:
+        method = run.get("config", {}).get("method", "preference").upper()
+        lines += [f"Two stages trained the same LoRA: supervised fine-tuning, then {method} on preference pairs "
+                  "from that adapter.", "", "### Stage 1: supervised fine-tuning", "",
+                  *run_tables(card.earlier, f"{Path(run['config']['init_adapter']).parent.name}/{RUN_CONFIG}"), "",
+                  f"### Stage 2: {method}", ""]
+    lines += run_tables(run, f"{card.train_dir_name}/{RUN_CONFIG}")
     if card.results:
         lines += ["", "### Training results", "", "| figure | value |", "| --- | --- |",
                   *[f"| {k} | {cell(v)} |" for k, v in card.results.items()]]
     return "\n".join(lines)
+
+
+def run_tables(run: dict, source: str) -> list[str]:
+    """One training run's resolved settings and what it trained on."""
+    config = run.get("config", {})
+    lines = [f"Resolved settings from `{source}` (every flag, defaults included):", "", "| setting | value |",
+             "| --- | --- |"]
+    lines += [f"| {key} | {cell(value)} |" for key, value in config.items() if key not in SETTINGS_SHOWN_ELSEWHERE]
+    return lines + ["", "| run | value |", "| --- | --- |",
+                   f"| dataset file | `{Path(run.get('dataset', '?')).name}`, sha256 `{run.get('dataset_sha256')}` |",
+                   f"| examples | {run.get('examples_used')} used of {run.get('examples')} "
+                   f"({run.get('truncated_examples', 0)} truncated) |",
+                   f"| tokens | {run.get('tokens_total')} |",
+                   f"| effective batch | {run.get('effective_batch')} |",
+                   f"| batch plan | {cell(run.get('batch_plan', {}))} |",
+                   f"| hardware | {cell(run.get('hardware', {}))} |",
+                   f"| LoRA targets | {cell(run.get('lora_target_modules'))} |",
+                   f"| started | {run.get('started')} |"]
 
 
 def cell(value) -> str:
