@@ -188,7 +188,7 @@ def test_the_demos_verdict_says_when_the_tuned_model_answers_fewer_period_questi
     from deepred.demo import verdict_lines
 
     right = [(id_, answer) for id_, ok, answer in CONTROL_ANSWERS if ok and id_.startswith("temporal-")]
-    wrong = [(id_, answer) for id_, ok, answer in CONTROL_ANSWERS if not ok and id_.startswith("temporal-")]
+    wrong = [(id_, answer) for id_, ok, answer in CONTROL_ANSWERS if not ok and id_ in dict(right)]
     prompts = {row["id"]: row["prompt"] for row in load_prompts(None, default_persona())}
     files = {}
     for side, answers in (("base", right), ("tuned", wrong)):
