@@ -19,6 +19,7 @@ from deepred.config import RunConfig, resolve_with_yaml
 from deepred.errors import DeepRedError
 from deepred.gguf_file import require_complete_gguf
 from deepred.pipeline import run_pipeline
+from deepred.horizon import horizon_examples
 from deepred.persona import load_persona
 from deepred.pipeline.run import with_horizon_default
 from deepred.data import bundled_dataset_path
@@ -293,7 +294,12 @@ def test_own_period_answers_are_asked_before_training_and_recorded(tiny_model, t
     recalled = run_dir / "period_answers.jsonl"
     assert recalled.is_file()
     sft = next(run_dir.glob("theme-deepred-*"))
-    assert json.loads((sft / "run_config.json").read_text())["config"]["period_answers"] == str(recalled)
+    recorded = json.loads((sft / "run_config.json").read_text())
+    added = len(horizon_examples(load_persona(None), 5))  # 5 deflections and each period fact once
+    assert recorded["config"]["period_answers"] == str(recalled) and recorded["examples_from_horizon"] == added > 5
+    assert recorded["examples"] == 24 + added  # mini.jsonl's rows and the horizon's; the card names both
+    assert (f"| dataset file | `mini.jsonl` and {added} examples made from the persona file's horizon (the hash "
+            "covers both)" in (sft / "final" / "README.md").read_text())
     again = _run(tiny_model, run_dir, DATA / "mini.jsonl", period_answers="own", horizon_examples=5)
     assert _decisions(again)["train"] == "skipped" and "period facts right" not in again
 

@@ -58,6 +58,9 @@ def test_deepred_train_writes_the_adapter_card_whose_command_reproduces_the_run(
     assert "cutoff: **1969**" in body and "Deep Red" in body
     assert "## Evaluation" not in body  # training alone evaluates nothing
 
+    # 24 examples at --val_split 0.2: ceil(4.8) = 5 held out, so 19 trained; no horizon rows were added
+    assert settings["examples"] == "19 trained, 5 held out for validation (24 used of 24), 0 cut to max_seq_length"
+    assert settings["dataset file"] == f"`mini.jsonl`, sha256 `{run_config['dataset_sha256']}`"
     train_results = json.loads((trained_run / "train_results.json").read_text())
     assert table(body, "Training")["train_loss"] == str(train_results["train_loss"])
     [command] = commands(body)

@@ -223,15 +223,28 @@ def run_tables(run: dict, source: str) -> list[str]:
              "| --- | --- |"]
     lines += [f"| {key} | {cell(value)} |" for key, value in config.items() if key not in SETTINGS_SHOWN_ELSEWHERE]
     return lines + ["", "| run | value |", "| --- | --- |",
-                   f"| dataset file | `{Path(run.get('dataset', '?')).name}`, sha256 `{run.get('dataset_sha256')}` |",
-                   f"| examples | {run.get('examples_used')} used of {run.get('examples')} "
-                   f"({run.get('truncated_examples', 0)} truncated) |",
+                   f"| dataset file | `{Path(run.get('dataset', '?')).name}`{horizon_note(run)}, "
+                   f"sha256 `{run.get('dataset_sha256')}` |",
+                   f"| examples | {examples_cell(run)} |",
                    f"| tokens | {run.get('tokens_total')} |",
                    f"| effective batch | {run.get('effective_batch')} |",
                    f"| batch plan | {cell(run.get('batch_plan', {}))} |",
                    f"| hardware | {cell(run.get('hardware', {}))} |",
                    f"| LoRA targets | {cell(run.get('lora_target_modules'))} |",
                    f"| started | {run.get('started')} |"]
+
+
+def horizon_note(run: dict) -> str:
+    added = run.get("examples_from_horizon")
+    return f" and {added} examples made from the persona file's horizon (the hash covers both)" if added else ""
+
+
+def examples_cell(run: dict) -> str:
+    """How many examples trained and how many were held for validation; older run_config.json files lack the split."""
+    used = f"{run.get('examples_used')} used of {run.get('examples')}"
+    if "examples_trained" in run:
+        used = f"{run['examples_trained']} trained, {run['examples_validation']} held out for validation ({used})"
+    return f"{used}, {run.get('truncated_examples', 0)} cut to max_seq_length"
 
 
 def cell(value) -> str:

@@ -35,6 +35,7 @@ class RunRecord:
     main_process: bool
     row_tokens_p95: int | None = None  # the plan's row length (plan_batches); its kernel choice follows from it
     lora_targets: list[str] | str = "all-linear"
+    validation_examples: int = 0  # of examples_used, held out by --val_split
 
     def write(self, plan: BatchPlan) -> None:
         if not self.main_process:
@@ -49,6 +50,9 @@ class RunRecord:
             "dataset_sha256": self.data_hash,
             "examples": len(rows if rows is not None else self.report.examples),
             "examples_used": self.examples_used,  # fewer with --max_samples
+            "examples_trained": self.examples_used - self.validation_examples,
+            "examples_validation": self.validation_examples,
+            **({"examples_from_horizon": added} if (added := horizon_rows(self.report)) else {}),
             **({"pairs_by_source": dict(Counter(p.get("source") or "unnamed" for p in rows))} if rows else {}),
             "invalid_lines_skipped": self.report.invalid_lines,
             "truncated_examples": sum(1 for n in self.lengths if n > self.cfg.max_seq_length),
@@ -60,6 +64,11 @@ class RunRecord:
             "lora_target_modules": targets if isinstance(targets, str) else sorted(targets),
             "started": datetime.now().isoformat(timespec="seconds"),
         })
+
+
+def horizon_rows(report) -> int:
+    """How many of the examples --horizon_examples made from the persona file (train.examples.with_horizon)."""
+    return sum(1 for e in getattr(report, "examples", None) or [] if str(e.get("line", "")).startswith("horizon-"))
 
 
 def train_metrics(outcome, trainer, started: float) -> dict:

@@ -79,7 +79,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
     examples = cut_rows(sample(tokenized, cfg.max_samples, cfg.seed, log), cfg.max_seq_length, log)
     train_set, eval_set = split(examples, cfg.val_split, cfg.seed)
     record = RunRecord(output_dir, cfg, base_model, report, data_hash, lengths, hw, len(examples), main,
-                       row_tokens_p95=p95)
+                       row_tokens_p95=p95, validation_examples=len(eval_set) if eval_set is not None else 0)
     started, ran = time.time(), StepCount()
     while True:  # until training ends; out of memory retries with a smaller plan from the newest checkpoint
         model = load_model(cfg, base_model, hw, plan.attention)
