@@ -85,6 +85,14 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
                                      "convert": "running", "check": "running", "evaluate": "running",
                                      "deploy": "running"}
 
+    both = _run(tiny_model, run_dir, dataset, quant_types=["f16", "q8_0"])
+    f16_size = (run_dir / "deepred.gguf").stat().st_size
+    assert (run_dir / "deepred-q8_0.gguf").stat().st_size < f16_size and "removed" not in both
+    reordered = _run(tiny_model, run_dir, dataset, quant_types=["q8_0"])  # deepred.gguf is now the Q8_0 one
+    assert "removed deepred-q8_0.gguf: an earlier convert of this run wrote it" in reordered
+    assert sorted(p.name for p in run_dir.glob("*.gguf")) == ["deepred.gguf"]
+    assert (run_dir / "deepred.gguf").stat().st_size < f16_size
+
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     with pytest.raises(DeepRedError, match=r"stage 'deploy' failed: .*run the same command again"):

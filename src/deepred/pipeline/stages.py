@@ -44,7 +44,18 @@ def _convert(run: Run, previous: dict) -> dict:
         convert(ConvertConfig(model_path=str(run.path("merge", "merged")), output_path=str(target), quant_type=quant,
                               check=run.cfg.check), log=run.log, check_final=False)
         outputs[quant] = str(target)
+    remove_stale_ggufs(run, previous.get("outputs", {}), outputs)
     return outputs
+
+
+def remove_stale_ggufs(run: Run, before: dict, now: dict) -> None:
+    """GGUFs an earlier convert of this run wrote that this one did not (a type dropped from --quant_types, or one
+    whose name moved when the order changed) came from an earlier merge: left there, they would pass for this one."""
+    for stale in sorted(set(before.values()) - set(now.values())):
+        path = Path(stale)
+        if path.is_file() and path.parent == run.run_dir:
+            path.unlink()
+            run.log(f"removed {path.name}: an earlier convert of this run wrote it, and --quant_types no longer makes it")
 
 
 def _check_inputs(run: Run) -> dict:
