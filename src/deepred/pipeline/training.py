@@ -104,6 +104,7 @@ def pairs_inputs(run: Run) -> dict:
 def pairs_stage(run: Run, previous: dict) -> dict:
     """The pairs the preference stage trains on: the user's --pairs, or made by `deepred pairs` (cached)."""
     if run.cfg.preference == "none":
+        run.log("  nothing to do: no --preference (orpo or dpo trains the adapter on pairs after SFT)")
         return {}
     persona = load_persona(run.cfg.persona)
     if run.cfg.pairs:
@@ -128,6 +129,7 @@ def prefer_inputs(run: Run) -> dict:
 def prefer_stage(run: Run, previous: dict) -> dict:
     """Preference training of the SFT adapter itself (it goes on training the same LoRA)."""
     if run.cfg.preference == "none":
+        run.log("  nothing to do: no --preference")
         return {}
     return run_training(run, "prefer", previous, "prefer-deepred", method=run.cfg.preference,
                         pairs=str(run.path("pairs", "pairs")), init_adapter=str(run.path("train", "adapter")),
