@@ -55,6 +55,7 @@ def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
     assert set(_decisions(first).values()) == {"running"}
     assert "[pairs] running (first run)\n  nothing to do: no --preference" in first
     assert "[prefer] running (first run)\n  nothing to do: no --preference" in first
+    assert "adapter saved to" in first and "Next:" not in first  # the run merges and converts itself
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert all(manifest[s]["status"] == "done" and len(manifest[s]["output_hash"]) == 64 for s in manifest)
     assert (run_dir / "deepred.gguf").is_file() and (run_dir / "merged-deepred" / "model.safetensors").is_file()

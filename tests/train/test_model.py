@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -45,7 +46,7 @@ def test_lora_targets_by_name_must_exist_in_the_model():
         lora_targets(model("some-new-family"), "attention")
 
 
-def test_attention_only_adapter_trains_and_merges(tmp_path, tiny_model):
+def test_attention_only_adapter_trains_and_merges_with_the_printed_next_command(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
     deepred("train", "--base_model", tiny_model, "--dataset", DATA / "mini.jsonl", "--output_dir", out,
             "--max_steps", 2, "--batch_size", 2, "--gradient_accumulation_steps", 1, "--lora_r", 4,
@@ -53,7 +54,11 @@ def test_attention_only_adapter_trains_and_merges(tmp_path, tiny_model):
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == ATTENTION
     assert set(json.loads((out / "run_config.json").read_text())["lora_target_modules"]) == ATTENTION
-    deepred("merge", "--base_model", tiny_model, "--lora_path", out / "final", "--output_path", tmp_path / "merged")
+    printed = capsys.readouterr().out.split(f"adapter saved to {out / 'final'}. Next:\n")[1].splitlines()
+    merge_command = shlex.split(printed[0])
+    assert merge_command[:2] == ["deepred", "merge"] and "--verify" in merge_command
+    deepred(*merge_command[1:])
+    assert (out / "merged" / "model.safetensors").is_file()
 
 
 def test_lora_layers_adapts_only_the_last_blocks_and_the_merge_leaves_the_others_as_they_were(tmp_path, tiny_model):
