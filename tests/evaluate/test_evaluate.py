@@ -504,12 +504,18 @@ def test_an_empty_system_prompt_sends_none_so_the_templates_default_applies(tmp_
         [{"role": "user", "content": "What happened in 1970?"}]]
 
 
-def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
+def test_unreachable_endpoint_is_a_clear_error_and_leaves_no_empty_report_folder(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["evaluate", "--endpoint", f"http://127.0.0.1:{port}/v1", "--output_dir", str(tmp_path / "o")]) == 2
+    url = f"http://127.0.0.1:{port}/v1"
+    assert main(["evaluate", "--endpoint", url, "--output_dir", str(tmp_path / "new" / "o")]) == 2
     assert "cannot reach" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # both folders it made for the report are gone
+    kept = tmp_path / "yours"
+    kept.mkdir()
+    assert main(["evaluate", "--endpoint", url, "--output_dir", str(kept)]) == 2
+    assert kept.is_dir()  # a folder the user made stays
 
 
 def test_degenerate_word_loops_are_neither_in_style_nor_coherent():

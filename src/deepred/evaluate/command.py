@@ -138,11 +138,16 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     primary = primary_source(cfg)
     base = base_source(cfg) if cfg.compare else None
     output_dir = Path(cfg.output_dir)
-    ensure_writable(output_dir)
+    new_folders = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+    ensure_writable(output_dir)  # before the answers: a folder that cannot be written fails at once
     try:
         sides = _scored_sides(cfg, persona, primary, base, output_dir, log)
-    except KeyboardInterrupt:
-        log(interrupted_note(output_dir))
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            log(interrupted_note(output_dir))
+        for folder in new_folders:  # a failed evaluation leaves no empty folder it made for the report
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise
     report = _assemble(sides, persona)
     paths = write_report(report, output_dir)
