@@ -125,8 +125,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
     final_dir = save_final(trainer, tokenizer, output_dir, main)
     if main:
         write_results(output_dir, metrics, eval_metrics, trainer.state.log_history)
-        # inside deepred run (no command) the pipeline itself merges and converts next
-        log(next_commands(cfg.base_model, final_dir) if command else f"\nadapter saved to {final_dir}")
+        log(next_commands(cfg.base_model, final_dir) if command else f"\nadapter saved to {final_dir}")  # run: no Next
     state.wait_for_everyone()
     return TrainResult(output_dir, final_dir, metrics, main_process=main)
 
