@@ -225,6 +225,8 @@ def test_yaml_values_are_typed_and_checked_before_any_work(tmp_path, capsys):
     run_dir = tmp_path / "run"
     for body, message in [("profile: turbo", "setting profile: 'turbo' is not one of fast, lean, reference"),
                           ("quant_types: [q4_k_m, q9_k]", "setting quant_types: 'q9_k' not one of"),
+                          ("quant_types: []", "setting quant_types: name at least one of f32, f16"),
+                          ("quant_types: [q8_0, Q8_0]", "setting quant_types: 'q8_0' named more than once"),
                           ("learning_rate: fast", "setting learning_rate: expected a number, got 'fast'"),
                           ("batch_size: 2.5", "setting batch_size: expected a whole number, got 2.5"),
                           ("check: maybe", "setting check: expected true or false, got 'maybe'")]:

@@ -47,11 +47,20 @@ def checked_value(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if choices and value not in choices:
         raise DeepRedError(f"setting {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
     item_choices = f.metadata.get("item_choices")
-    if item_choices:
-        value = [canonical_choice(item, item_choices) for item in value]
-    bad = [item for item in value if item not in item_choices] if item_choices else []
+    return checked_items(f.name, value, item_choices) if item_choices else value
+
+
+def checked_items(name: str, value: list, item_choices: list[str]) -> list:
+    """A list of choices (--quant_types): at least one, each a choice (in any letter case), none named twice."""
+    value = [canonical_choice(item, item_choices) for item in value]
+    bad = [item for item in value if item not in item_choices]
     if bad:
-        raise DeepRedError(f"setting {f.name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
+        raise DeepRedError(f"setting {name}: {', '.join(map(repr, bad))} not one of {', '.join(item_choices)}")
+    if not value:
+        raise DeepRedError(f"setting {name}: name at least one of {', '.join(item_choices)}")
+    repeated = sorted({item for item in value if value.count(item) > 1}, key=value.index)
+    if repeated:
+        raise DeepRedError(f"setting {name}: {', '.join(map(repr, repeated))} named more than once; name each once")
     return value
 
 
