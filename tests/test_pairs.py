@@ -194,3 +194,26 @@ def test_cache_key_follows_the_llama_cpp_version(tiny_model, tmp_path, monkeypat
     assert job_folder(cfg, persona, job="recall") == folder
     monkeypatch.setattr(pairs, "llama_cpp_version", lambda: "0.0.0-another-build")
     assert job_folder(cfg, persona, job="recall") != folder
+
+
+def test_no_pairs_to_make_is_refused_before_any_answer_and_nothing_is_written(tiny_model, tmp_path, capsys):
+    """Asking for no pairs, or only for kinds the inputs cannot give (voice pairs of the mini set, whose every row asks
+    an evaluation prompt), is one line, and no empty pairs file is left to train on; `deepred run` refuses a
+    preference run with every pair count 0 before training."""
+    output = tmp_path / "pairs.jsonl"
+    common = ["pairs", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output", str(output),
+              "--horizon", "0", "--period", "0", "--present", "0"]
+    assert main([*common, "--voice", "0"]) == 2
+    assert capsys.readouterr().err == ("error: no pairs to make: --voice, --horizon, --period and --present are all "
+                                       "0; ask for some\n")
+    assert main([*common, "--voice", "8"]) == 2
+    assert capsys.readouterr().err.startswith("error: no pairs could be made of the kinds asked: voice and present")
+    assert not output.exists()
+
+    run_dir = tmp_path / "run"
+    assert main(["run", "--base_model", str(tiny_model), "--dataset", str(DATA / "mini.jsonl"), "--output_dir",
+                 str(run_dir), "--preference", "orpo", "--pair_voice", "0", "--pair_horizon", "0",
+                 "--pair_period", "0"]) == 2  # --pair_present is 0 by default
+    err = capsys.readouterr().err
+    assert "--pair_present are all 0, so there are no pairs to train on" in err and err.count("\n") == 1
+    assert not run_dir.exists()

@@ -157,7 +157,13 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
     """Write the pairs file; returns its path. Pairs whose base answer is empty or the same as the chosen one are
     left out (and counted)."""
     persona = load_persona(cfg.persona)
+    if not cfg.voice + cfg.horizon + cfg.period + cfg.present:
+        raise DeepRedError("no pairs to make: --voice, --horizon, --period and --present are all 0; ask for some")
     rows, data_hash = candidates(cfg, persona, log)
+    if not rows:
+        raise DeepRedError(f"no pairs could be made of the kinds asked: voice and present pairs need dataset rows that "
+                           f"do not ask an evaluation prompt, horizon and period pairs the persona's horizon "
+                           f"({persona.file}); ask for other kinds or use another dataset")
     folder = job_folder(cfg, persona, dataset=data_hash, seed=cfg.seed)
     folder.mkdir(parents=True, exist_ok=True)
     answers = base_answers(rows, cfg, folder, log)
@@ -171,6 +177,9 @@ def make_pairs(cfg: PairsConfig, log=print) -> Path:
             rejected = f"{row['wrong_side']} {rejected}"
         pairs.append({"prompt": row["prompt"], "chosen": row["chosen"],
                       "rejected": [{"role": "assistant", "content": rejected}], "source": row["source"]})
+    if not pairs:
+        raise DeepRedError(f"no pairs: the base model's answer was empty or the chosen one for all {dropped}; nothing "
+                           f"was written to {cfg.output}")
     output = Path(cfg.output)
     write_atomic(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     counts = {source: sum(p["source"] == source for p in pairs) for source in SOURCES}

@@ -57,6 +57,10 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     _check_run_folder(cfg, run_dir)
     if cfg.evaluate or cfg.preference != "none" or cfg.horizon_examples is None:  # a bad persona file is found now,
         cfg = with_horizon_default(cfg, load_persona(cfg.persona))               # not after hours of training
+    if cfg.preference != "none" and not cfg.pairs and not (cfg.pair_voice + cfg.pair_horizon + cfg.pair_period
+                                                          + cfg.pair_present):
+        raise DeepRedError(f"--preference {cfg.preference}: --pair_voice, --pair_horizon, --pair_period and "
+                           "--pair_present are all 0, so there are no pairs to train on; ask for some or pass --pairs FILE")
     if cfg.preference != "none" and cfg.pairs:  # and pairs that are malformed or ask an evaluation prompt
         report, _ = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, lambda *a: None)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)
