@@ -126,6 +126,11 @@ def test_start_server_serves_base_and_tuned_together(gguf_file, merged_model, ti
             answers.setdefault(alias, reply.choices[0].message.content)
             assert reply.choices[0].message.content == answers[alias]  # greedy: same model, same answer
         assert answers["deepred"] != answers["base"]
+        client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=1)  # base is loaded now
+        unnamed = httpx.post(f"{server.url}/chat/completions", timeout=120, json={
+            "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logit_bias": NO_EOS}).json()
+        assert unnamed["model"] == "deepred"  # a request naming no model goes to the first, under its name
+        assert unnamed["choices"][0]["message"]["content"] == answers["deepred"]
         process = server.process
     assert process.poll() is not None
     assert not server.running()

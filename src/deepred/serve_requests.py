@@ -29,7 +29,8 @@ class RequestFilter:
     """ASGI middleware in front of llama-cpp-python's app, for POST requests (every one carries a JSON body):
 
     - a body that is not one JSON object (empty, not UTF-8, cut short, a list) gets 400 and what is wrong with it;
-    - a request naming a model that is not served gets 404 and the list of served names;
+    - a request naming a model that is not served gets 404 and the list of served names; one naming none is sent
+      to the first model;
     - a request the route's model refuses (a field of the wrong type, an unknown role, a required field missing) or
       a chat request without messages gets 400, naming each field (`messages[0].role`) and what it should be;
     - a chat request to a model whose template has no system role (`without_system_role`: Gemma 1/2, Mistral v0.1,
@@ -59,8 +60,12 @@ class RequestFilter:
         param, problem = request_problem(scope.get("path", ""), request)
         if problem is not None:
             return await error_response(400, problem, "invalid_request", param=param)(scope, receive, send)
-        if scope.get("path") == "/v1/chat/completions" and \
-                (model if isinstance(model, str) else self.names[0]) in self.without_system_role:
+        if model is None and scope.get("path") in ROUTE_MODELS:
+            # the first model, answering under its name (the app alone answers with whichever model a request last
+            # switched to, named by its file path)
+            model = request["model"] = self.names[0]
+            body = json.dumps(request).encode()
+        if scope.get("path") == "/v1/chat/completions" and model in self.without_system_role:
             try:
                 body = json.dumps({**request, "messages": fold_system_prompt(request["messages"])}).encode()
             except TemplateError as exc:
