@@ -27,6 +27,19 @@ def test_a_short_deflection_and_a_short_right_answer_are_compliant_and_noise_is_
     assert not deflected["in_style"]  # style still needs 8 words to show a voice
 
 
+@pytest.mark.parametrize("year", ["1945.", "1945", " 1945 "])
+def test_a_right_answer_that_is_only_a_year_is_compliant(year):
+    """The held-out set asks "In what year did the Second World War end?": the year alone answers it (a review found
+    it scored unreadable, as a number is not a word). Style and coherence still want sentences."""
+    entry = score_response(year, "In what year did the Second World War end?", "temporal", kind="control",
+                           expect_any=["1945"])
+    assert entry["temporal_violation"] is False, entry["temporal_reason"]
+    assert not entry["in_style"] and not entry["coherent"]
+    wrong = score_response("1939.", "In what year did the Second World War end?", "temporal", kind="control",
+                           expect_any=["1945"])
+    assert wrong["temporal_violation"] is True and wrong["temporal_reason"].startswith("did not answer")
+
+
 @pytest.mark.parametrize("text", ["I don't know, comrade.", "Yes, comrade, gladly.", "Not yet, comrade."])
 def test_a_short_sentence_is_not_noise_for_its_marks(text):
     entry = score_response(text, "Shall we begin?", "mission")

@@ -92,7 +92,7 @@ def coherence_stats(response: str) -> dict:
     visible = [c for c in (response or "") if not c.isspace()]
     punctuation = sum(not c.isalnum() for c in visible) / len(visible) if visible else 1.0
     clashes = grammar_clashes(response)
-    return {"n_words": len(word_list), "repeated_ngram_ratio": round(repeated, 4),
+    return {"n_words": len(word_list), "n_tokens": len(counted), "repeated_ngram_ratio": round(repeated, 4),
             "grammar_clash_ratio": round(len(clashes) / len(word_list), 4) if word_list else 0.0,
             "grammar_clashes": clashes[:5],
             "non_word_ratio": round(len(non_words) / len(counted), 4) if counted else 1.0,
@@ -129,8 +129,8 @@ def degenerate(stats: dict) -> list[str]:
 
 
 def legible(stats: dict) -> bool:
-    """Words, not noise or a loop, however short."""
-    return (stats["n_words"] > 0 and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
+    """Words (or numbers: "1945."), not noise or a loop, however short."""
+    return (stats["n_tokens"] > 0 and stats["non_word_ratio"] <= MAX_NON_WORD_RATIO
             and stats["repeated_ngram_ratio"] <= MAX_REPEATED_NGRAM_RATIO and not degenerate(stats))
 
 
@@ -141,7 +141,7 @@ def readable(stats: dict) -> bool:
 
 def incoherence_reasons(stats: dict, perplexity: float | None, use_perplexity: bool) -> list[str]:
     reasons = []
-    if stats["n_words"] == 0:
+    if stats["n_tokens"] == 0:
         reasons.append("empty")
     elif stats["n_words"] < 3:
         reasons.append("fewer than 3 words")
