@@ -5,6 +5,7 @@ what tells the two apart. (The printed resume command: test_stage.py; `deepred r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,21 +83,31 @@ def test_resume_from_checkpoint_runs_from_that_checkpoint(stopped_run, tmp_path)
     assert_ran_only_the_rest(folder, output, SAVE_STEPS, MAX_STEPS, PEAK, WARMUP_STEPS)
 
 
-def test_a_run_started_with_a_relative_dataset_path_resumes_from_another_folder(tiny_model, tmp_path):
-    """The resume command deepred prints (`deepred train --output_dir RUN --resume_latest`) reads the dataset from
-    run_config.json: recorded as typed ("data/mini.jsonl"), it was looked up in whatever folder the resume ran in."""
+def test_a_run_started_with_relative_paths_resumes_from_another_folder_and_from_its_own(tiny_model, tmp_path):
+    """The resume command deepred prints (`deepred train --output_dir RUN --resume_latest`) reads the run's files from
+    run_config.json: recorded as typed ("data/mini.jsonl", "first/final"), they were looked up in whatever folder the
+    resume ran in. Recorded absolute, they are found from anywhere, and the command that started the run, typed again
+    in its own folder with --resume_latest, is not refused for naming them relatively."""
     start, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
     (start / "data").mkdir(parents=True)
     elsewhere.mkdir()
     shutil.copy(DATA / "mini.jsonl", start / "data" / "mini.jsonl")
     flags = [flag if flag != str(DATA / "mini.jsonl") else "data/mini.jsonl" for flag in train_flags(tiny_model)]
     flags[flags.index("--max_steps") + 1], flags[flags.index("--save_steps") + 1] = "2", "1"
+    subprocess.run([*DEEPRED, "train", *flags, "--output_dir", "first"], cwd=start, env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    flags += ["--init_adapter", "first/final"]  # an SFT run continued, as before DPO/ORPO
     subprocess.run([*DEEPRED, "train", *flags, "--output_dir", str(run)], cwd=start, env=ENV, check=True,
                    capture_output=True, timeout=600)
     shutil.rmtree(run / "final")  # as if stopped after the first checkpoint
     shutil.rmtree(run / "checkpoint-2")
-    result = subprocess.run([*DEEPRED, "train", "--output_dir", str(run), "--resume_latest"], cwd=elsewhere, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "this process resumed at step 1 of 2, ran 1 steps" in result.stdout
+    shutil.copytree(run, tmp_path / "again")
+    recorded = json.loads((run / "run_config.json").read_text())["config"]
+    assert recorded["init_adapter"] == str(start / "first" / "final")
+    for cwd, command in [(elsewhere, ["--output_dir", str(run), "--resume_latest"]),
+                         (start, [*flags, "--output_dir", str(tmp_path / "again"), "--resume_latest"])]:
+        result = subprocess.run([*DEEPRED, "train", *command], cwd=cwd, env=ENV, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "this process resumed at step 1 of 2, ran 1 steps" in result.stdout
     assert (run / "final" / "adapter_model.safetensors").is_file()

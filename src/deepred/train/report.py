@@ -16,6 +16,7 @@ from ..files import write_json
 from ..records import EVAL_RESULTS, RUN_CONFIG, TRAIN_RESULTS
 from .hardware import Hardware
 from .plan import BatchPlan
+from .run_dir import with_absolute_paths
 
 
 @dataclass
@@ -43,7 +44,7 @@ class RunRecord:
         targets = self.lora_targets
         rows = getattr(self.report, "pairs", None)
         write_json(self.output_dir / RUN_CONFIG, {
-            "config": dataclasses.asdict(self.cfg),
+            "config": with_absolute_paths(dataclasses.asdict(self.cfg)),
             "base_model": self.base_model,
             "dataset": str(Path(self.report.path).absolute()),  # trained on (ChatML set or pairs); absolute, so a
             # resume from another folder finds it

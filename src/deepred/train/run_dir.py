@@ -19,6 +19,15 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # run_config.json, and giving a different value for one of them on resume is refused.
 RESUME_FREE_SETTINGS = settings_with_role(TrainConfig, "bookkeeping", "invocation")
 LOCATION_SETTINGS = {"output_dir", "resume_latest", "resume_from_checkpoint"}
+PATH_SETTINGS = {"pairs", "init_adapter", "persona", "period_answers"}  # files and folders a run reads
+
+
+def with_absolute_paths(settings: dict) -> dict:
+    """The settings with each file or folder of PATH_SETTINGS that exists made absolute: run_config.json records
+    them so, and a resume (or a model card) from another folder finds them."""
+    return {name: str(Path(value).expanduser().absolute())
+            if name in PATH_SETTINGS and isinstance(value, str) and Path(value).expanduser().exists() else value
+            for name, value in settings.items()}
 
 
 @dataclass
@@ -95,10 +104,11 @@ def resumed_config(cfg: TrainConfig, given: set[str], recorded: dict, log) -> Tr
     seed come from run_config.json. Giving one of them with a different value is refused, naming both values.
     """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = {k: v for k, v in recorded.get("config", {}).items() if k in fields}
+    settings = with_absolute_paths({k: v for k, v in recorded.get("config", {}).items() if k in fields})
     settings["dataset"] = recorded.get("dataset") or settings.get("dataset")  # the file it trained on
+    typed = with_absolute_paths(dataclasses.asdict(cfg))  # a relative path names the recorded absolute one
     for name in sorted(given - RESUME_FREE_SETTINGS):
-        if name in settings and name != "dataset" and differs(getattr(cfg, name), settings[name]):
+        if name in settings and name != "dataset" and differs(typed[name], settings[name]):
             raise DeepRedError(f"--{name} {shown(getattr(cfg, name))}: this run was started with --{name} "
                                f"{shown(settings[name])}, and a resumed run keeps its settings; drop --{name} or "
                                "start a new --output_dir")
