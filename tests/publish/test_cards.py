@@ -119,3 +119,22 @@ def test_license_and_hub_id_come_from_the_base_model(tmp_path, tiny_model, smoll
 def read_card_text(text: str) -> tuple[dict, str]:
     _, front, body = text.split("---\n", 2)
     return yaml.safe_load(front), body
+
+
+def test_a_continued_run_is_described_by_each_stages_own_method(tmp_path, trained_run, tiny_model):
+    """A run that continued an adapter (--init_adapter) has two stages; more SFT is not preference training (a review
+    found the card saying "then SFT on preference pairs", with the second ChatML set's hash as the pairs' hash)."""
+    run = tmp_path / "continued"
+    run.mkdir()
+    recorded = json.loads((trained_run / "run_config.json").read_text())
+    for method, pairs_named in [("sft", False), ("orpo", True)]:
+        config = {**recorded["config"], "method": method, "init_adapter": str(trained_run / "final")}
+        (run / "run_config.json").write_text(json.dumps({**recorded, "config": config, "dataset_sha256": "0" * 64}))
+        meta, body = read_card_text(render_card(gather_card("adapter", CardSources(str(tiny_model), run))))
+        assert ("preference_pairs_sha256" in meta) == pairs_named
+        assert meta["dataset_sha256"] == recorded["dataset_sha256"]  # the first stage's set
+        assert "### Stage 1: supervised fine-tuning" in body
+        if pairs_named:
+            assert "then ORPO on preference pairs from that adapter" in body and "### Stage 2: ORPO" in body
+        else:
+            assert "then more supervised fine-tuning from that adapter" in body and "preference pairs" not in body

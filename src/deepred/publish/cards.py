@@ -62,7 +62,8 @@ class Card:
     persona: Persona
     run: dict  # run_config.json
     train_dir_name: str | None
-    earlier: dict  # run_config.json of the adapter this run continued (--init_adapter: SFT before DPO/ORPO), or {}
+    earlier: dict  # run_config.json of the adapter this run continued (--init_adapter: SFT before DPO/ORPO, or more
+    # SFT), or {}
     results: dict  # train_results.json and eval_results.json (eval_ prefixed)
     report: dict | None
     commands: list[str]
@@ -85,6 +86,13 @@ def gather_card(kind: str, sources: CardSources) -> Card:
     earlier = read_json(Path(init_adapter).parent / RUN_CONFIG) if init_adapter else {}
     return Card(kind, sources.base_model, base_id, license_, family, load_persona(sources.persona), run,
                 train_dir.name if train_dir else None, earlier, results, sources.report, list(sources.commands), files)
+
+
+STAGE_NAMES = {"sft": "supervised fine-tuning", "dpo": "DPO", "orpo": "ORPO"}
+
+
+def method_of(run: dict) -> str:
+    return run.get("config", {}).get("method", "sft")
 
 
 def base_model_facts(name: str) -> tuple[str, str | None, str | None]:
@@ -155,7 +163,7 @@ def metadata(card: Card) -> dict:
     if first.get("dataset"):
         meta["datasets"] = list(dict.fromkeys(Path(r["dataset"]).name for r in (first, card.run) if r.get("dataset")))
         meta["dataset_sha256"] = first.get("dataset_sha256")
-        if card.earlier:
+        if card.earlier and method_of(card.run) != "sft":
             meta["preference_pairs_sha256"] = card.run.get("dataset_sha256")
     return meta
 
@@ -204,11 +212,12 @@ def training_section(card: Card) -> str:
         return "## Training\n\nNo run_config.json was found beside the adapter, so the settings are not known here."
     lines = ["## Training", ""]
     if card.earlier:
-        method = run.get("config", {}).get("method", "preference").upper()
-        lines += [f"Two stages trained the same LoRA: supervised fine-tuning, then {method} on preference pairs "
-                  "from that adapter.", "", "### Stage 1: supervised fine-tuning", "",
+        first, then = STAGE_NAMES.get(method_of(card.earlier), "training"), STAGE_NAMES.get(method_of(run), "training")
+        then_text = f"{then} on preference pairs" if method_of(run) != "sft" else f"more {then}"
+        lines += [f"Two stages trained the same LoRA: {first}, then {then_text} from that adapter.", "",
+                  f"### Stage 1: {first}", "",
                   *run_tables(card.earlier, f"{Path(run['config']['init_adapter']).parent.name}/{RUN_CONFIG}"), "",
-                  f"### Stage 2: {method}", ""]
+                  f"### Stage 2: {then}", ""]
     lines += run_tables(run, f"{card.train_dir_name}/{RUN_CONFIG}")
     if card.results:
         lines += ["", "### Training results", "", "| figure | value |", "| --- | --- |",
