@@ -122,3 +122,35 @@ def test_lines_a_template_refuses_are_each_named_counted_invalid_and_skippable(t
     out = capsys.readouterr().out
     assert "--skip_invalid: dropped 2 example(s) the chat template refuses, training on 2" in out
     assert f"{data}: 2 valid example(s), 2 invalid line(s)" in out
+
+
+def test_a_template_that_refuses_every_line_is_said_once_and_one_skipped_line_is_named(template_models, tmp_path,
+                                                                                         capsys):
+    """Every conversation refused is the template's problem, said once with the count (a review found a line per
+    example: 640 of them for the bundled set); one line dropped by --skip_invalid is named (it was only counted)."""
+    from deepred.cli import main
+
+    replies_in_a_row = [{"role": "user", "content": "What is our purpose?"},
+                        {"role": "assistant", "content": "To advance, comrade."},
+                        {"role": "assistant", "content": "Together."}]
+    plain = [{"role": "user", "content": "How is life like a chess game?"},
+             {"role": "assistant", "content": "Every piece serves the position."}]
+    gemma = str(template_models["gemma"])
+    train = ["train", "--base_model", gemma, "--max_steps", "1", "--batch_size", "1", "--val_split", "0",
+             "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "100"]
+    every = tmp_path / "every.jsonl"
+    every.write_text((json.dumps({"messages": replies_in_a_row}) + "\n") * 3)
+    assert main([*train, "--dataset", str(every), "--output_dir", str(tmp_path / "a"), "--skip_invalid"]) == 2
+    captured = capsys.readouterr()
+    assert f"{every}:2:" not in captured.out + captured.err
+    assert captured.err.strip().endswith("(and 2 more examples the template refuses)")
+    assert main(["validate", str(every), "--base_model", gemma]) == 1
+    out = capsys.readouterr().out
+    assert f"{every}:1: " in out and f"{every}:2:" not in out and "(and 2 more examples the template refuses)" in out
+
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (plain, replies_in_a_row, plain)))
+    assert main([*train, "--dataset", str(one), "--output_dir", str(tmp_path / "b"), "--skip_invalid"]) == 0
+    out = capsys.readouterr().out
+    assert f"{one}:2: the chat template refused the conversation" in out
+    assert "--skip_invalid: dropped 1 example(s) the chat template refuses, training on 2" in out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat_template import ChatFormat, TemplateError, tokenize_each
+from .chat_template import ChatFormat, TemplateError, refusal_line, tokenize_each
 from .data import DatasetReport, summarize, validate_file
 from .models.loading import load_tokenizer
 from .models.registry import resolve_base_model
@@ -53,9 +53,10 @@ def template_check(report: DatasetReport, base_model: str, trust_remote_code: bo
         lines.append(report.problems[-1])
         return None
     report.refuse(refused)
-    lines += refused.values()
-    if not rows:
+    if not rows:  # every conversation refused: the template itself, said once
+        lines += [refusal_line(refused)] if refused else []
         return None
+    lines += refused.values()
     supervised = sum(sum(row["assistant_masks"]) for row in rows)
     total = sum(len(row["input_ids"]) for row in rows)
     lines.append(f"  loss on the replies and their end-of-turn token: {supervised} of {total} tokens "

@@ -90,7 +90,7 @@ def training_rows(cfg: TrainConfig, report, tokenizer, log) -> list[dict]:
     rows, refused = tokenize_each(report.examples, fmt, report.path)
     if not refused:
         return rows
-    if len(refused) > 1:
+    if rows and (len(refused) > 1 or cfg.skip_invalid):  # some conversations only; all of them: the template, once
         for problem in refused.values():
             log(problem)
     if not (cfg.skip_invalid and rows):
