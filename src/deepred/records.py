@@ -1,7 +1,8 @@
 """The files through which the stages hand work to each other: their names and what each holds. A table module
 like quant_types.py; the stage that writes a record owns its content, the others read it.
 
-    training folder (RUN/)   run_config.json   every resolved setting, dataset sha256, batch plan, hardware
+    training folder (RUN/)   run_config.json   every resolved setting (paths absolute), dataset sha256, batch plan,
+                                               hardware
                              train_results.json, eval_results.json   the Trainer's metrics
                              final/            the adapter (adapter_config.json names its base model)
     merged folder            deepred_merge.json   which adapter and base model it was merged from, and the dtype
@@ -22,6 +23,15 @@ MERGE_RECORD = "deepred_merge.json"
 SOURCE_RECORD = "deepred_source.json"
 MANIFEST = "manifest.json"
 CARD = "README.md"
+PATH_SETTINGS = {"pairs", "init_adapter", "persona", "period_answers"}  # files and folders a training run reads
+
+
+def with_absolute_paths(settings: dict) -> dict:
+    """The settings with each file or folder of PATH_SETTINGS that exists made absolute: run_config.json records
+    them so, and a resume (or a model card) from another folder finds them."""
+    return {name: str(Path(value).expanduser().absolute())
+            if name in PATH_SETTINGS and isinstance(value, str) and Path(value).expanduser().exists() else value
+            for name, value in settings.items()}
 
 
 def train_dir_of_adapter(adapter: Path) -> Path | None:

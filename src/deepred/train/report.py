@@ -13,10 +13,9 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..files import write_json
-from ..records import EVAL_RESULTS, RUN_CONFIG, TRAIN_RESULTS
+from ..records import EVAL_RESULTS, RUN_CONFIG, TRAIN_RESULTS, with_absolute_paths
 from .hardware import Hardware
 from .plan import BatchPlan
-from .run_dir import with_absolute_paths
 
 
 @dataclass

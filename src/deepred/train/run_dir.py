@@ -12,22 +12,13 @@ from pathlib import Path
 from ..config import TrainConfig, settings_with_role
 from ..errors import DeepRedError
 from ..files import read_json
-from ..records import FINAL, RUN_CONFIG, TRAIN_RESULTS
+from ..records import FINAL, RUN_CONFIG, TRAIN_RESULTS, with_absolute_paths
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Settings a resumed run may change (where and how often it logs and saves); every other setting is restored from
 # run_config.json, and giving a different value for one of them on resume is refused.
 RESUME_FREE_SETTINGS = settings_with_role(TrainConfig, "bookkeeping", "invocation")
 LOCATION_SETTINGS = {"output_dir", "resume_latest", "resume_from_checkpoint"}
-PATH_SETTINGS = {"pairs", "init_adapter", "persona", "period_answers"}  # files and folders a run reads
-
-
-def with_absolute_paths(settings: dict) -> dict:
-    """The settings with each file or folder of PATH_SETTINGS that exists made absolute: run_config.json records
-    them so, and a resume (or a model card) from another folder finds them."""
-    return {name: str(Path(value).expanduser().absolute())
-            if name in PATH_SETTINGS and isinstance(value, str) and Path(value).expanduser().exists() else value
-            for name, value in settings.items()}
 
 
 @dataclass
