@@ -634,3 +634,14 @@ def test_model_path_takes_hub_and_built_in_names_like_every_command(smollm2_mode
                  "--output_dir", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err
     assert "the Hugging Face hub could not provide it" in err and err.count("\n") == 1
+
+
+def test_an_output_dir_below_a_file_is_one_line_naming_the_file(tmp_path, capsys):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"id": "a", "prompt": "Who are you?", "response": "I am Deep Red, comrade."}) + "\n")
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    for output_dir in (taken, taken / "report"):
+        assert main(["evaluate", "--responses", str(answers), "--output_dir", str(output_dir)]) == 2
+        assert capsys.readouterr().err == (f"error: --output_dir {output_dir}: {taken} is a file, not a folder; "
+                                           "choose another --output_dir\n")

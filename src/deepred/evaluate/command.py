@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import EvalConfig
 from ..errors import DeepRedError
+from ..files import ensure_writable_folder
 from .aggregate import METRICS, summarize
 from .coherence import PPL_LIMIT
 from .endpoint import answers_from_endpoint
@@ -24,7 +25,7 @@ from .judge import judge_answers
 from .models import LocalModel
 from .perplexity import PerplexityScorer
 from ..persona import Persona, load_persona
-from .report import ensure_writable, write_report
+from .report import write_report
 from .report_text import summary_text
 from .scoring import score_responses
 from .stats import rounded
@@ -139,7 +140,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     base = base_source(cfg) if cfg.compare else None
     output_dir = Path(cfg.output_dir)
     new_folders = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
-    ensure_writable(output_dir)  # before the answers: a folder that cannot be written fails at once
+    ensure_writable_folder(output_dir, "--output_dir")  # before the answers: a folder that cannot be written fails at once
     try:
         sides = _scored_sides(cfg, persona, primary, base, output_dir, log)
     except BaseException as exc:

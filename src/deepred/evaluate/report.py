@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import DeepRedError
-from ..files import write_atomic
+from ..files import ensure_writable_folder, write_atomic
 from .aggregate import METRIC_TITLES, METRICS
 from .charts import render_charts
 from .report_text import (cutoff_label, flags, format_value, over_deflection_text, persona_title, render_markdown,
@@ -118,7 +118,7 @@ def write_report(report: dict, output_dir: str | Path, extra_html_sections: list
     as is), or a tuple (title, PNG path or bytes) / (title, trusted HTML string).
     """
     output_dir = Path(output_dir)
-    ensure_writable(output_dir)
+    ensure_writable_folder(output_dir, "--output_dir")
     charts = render_charts(report)
     paths = {name: output_dir / name for name in charts}
     for name, data in charts.items():
@@ -130,10 +130,3 @@ def write_report(report: dict, output_dir: str | Path, extra_html_sections: list
         paths[key] = output_dir / name
         write_atomic(paths[key], text)
     return paths
-
-
-def ensure_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DeepRedError(f"cannot create --output_dir {output_dir}: {exc.strerror}; choose another folder") from exc
