@@ -247,3 +247,18 @@ def test_a_dated_topic_written_in_quotes_is_one_line_not_a_topic_named_with_its_
     assert err == (f"error: {path}:{line_of(path, 'electronic mail: 1971')}: knowledge.horizon.topics[2]: "
                    "'electronic mail: 1971' is text because of its quotes, not a topic and its year; write it "
                    "without quotes: electronic mail: 1971\n")
+
+
+def test_a_dated_topic_without_a_space_after_its_colon_says_to_add_one(tmp_path, capsys):
+    """`- television:1936` is YAML text even without quotes: the advice is the space, not the quotes (a review)."""
+    resources = PERSONAS.parent
+    (tmp_path / "personas").mkdir()
+    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
+        shutil.copy(resources / name, tmp_path / name)
+    path = tmp_path / "personas" / "deepred.yaml"
+    path.write_text((PERSONAS / "deepred.yaml").read_text().replace("- electronic mail: 1971",
+                                                                   "- electronic mail:1971"))
+    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}:{line_of(path, 'electronic mail:1971')}: knowledge.horizon.topics[2]: 'electronic mail:1971' "
+        "is text, not a topic and its year: YAML needs a space after the colon; write it as: electronic mail: 1971\n")

@@ -24,6 +24,15 @@ TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldo
 STYLE_KEYS = {"fields", "persona_anchors", "generic_anchors", "contrast_anchors", "judge_traits"}
 KNOWLEDGE_KEYS = {"cutoff", "later_centuries", "later_terms", "deflections", "horizon"}
 QUOTED_DATED_TOPIC = re.compile(r".+:\s*\d{3,4}")  # 'television: 1936' in quotes: text, not {television: 1936}
+
+
+def dated_text_problem(text: str) -> str:
+    """Why a topic that reads `topic: year` came out of YAML as text, and how to write it."""
+    topic, _, year = text.rpartition(":")
+    if not year[:1].isspace():  # television:1936 is one plain word to YAML, quoted or not
+        return (f"{text!r} is text, not a topic and its year: YAML needs a space after the colon; write it as: "
+                f"{topic.strip()}: {year.strip()}")
+    return f"{text!r} is text because of its quotes, not a topic and its year; write it without quotes: {text}"
 HORIZON_KEYS = {"topics", "questions", "years", "year_questions", "replies", "facts", "dating"}
 DATING_KEYS = {"later", "within"}
 FACT_KEYS = {"question", "answer", "subject", "year"}  # subject and year: for dating
@@ -301,8 +310,7 @@ class _Reader:
             elif not isinstance(item, str) or not item.strip():
                 raise self.fail(where + (i,), f"expected text or `topic: year`, got {_shown(item)}")
             elif QUOTED_DATED_TOPIC.fullmatch(item.strip()):  # YAML read it as text, so the year would be asked about
-                raise self.fail(where + (i,), f"{item.strip()!r} is text because of its quotes, not a topic and its "
-                                              f"year; write it without quotes: {item.strip()}")
+                raise self.fail(where + (i,), dated_text_problem(item.strip()))
             topics.append(item.strip())
         return topics, years
 
