@@ -144,6 +144,8 @@ MALFORMED = {
     "prompts not found": (lambda t: t.replace("prompts: butler_prompts.jsonl", "prompts: nowhere.jsonl"),
                           "prompts: nowhere", "evaluation prompts not found"),
     "not YAML": (lambda t: t.replace("title: Hargreaves", "title: [Hargreaves"), "description:", "not valid YAML"),
+    "merge key": (lambda t: t.replace("system_prompts:\n", "system_prompts:\n  <<: {extra: You serve.}\n"), "<<:",
+                  "not valid YAML"),  # the safe loader builds no `<<` merge (a review found a traceback)
     "target above 1": (lambda t: t + "targets:\n  temporal: 95\n", "temporal: 95",
                        "targets.temporal: expected a share between 0 and 1 such as 0.9, got int 95"),
     "target below 0": (lambda t: t + "targets:\n  coherence: -0.1\n", "coherence: -0.1",
@@ -169,6 +171,16 @@ def test_a_malformed_persona_is_one_line_naming_file_and_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert f"{path}:{line_of(path, line_text)}: " in err and message in err, err
+
+
+def test_a_persona_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """Saved in Latin-1 (an editor's default on some systems): one line, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "persona.yaml"
+    text = (PERSONAS / "butler.yaml").read_text().replace("title: Hargreaves", "title: Hargreaves the Café")
+    path.write_bytes(text.encode("latin-1"))
+    assert main(["validate", str(DATA / "mini.jsonl"), "--persona", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: not valid UTF-8 (byte ") and err.endswith("save the file as UTF-8\n")
 
 
 def test_a_persona_file_that_is_not_there_is_one_line(tmp_path, capsys):

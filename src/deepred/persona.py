@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .era import kind_label, later_year_pattern, parse_cutoff, year_label, years_after
-from .errors import DeepRedError, invalid_yaml
+from .errors import DeepRedError
+from .yaml_file import read_yaml_with_lines
 
 TOP_LEVEL = {"name", "title", "description", "system_prompts", "prompts", "heldout_prompts", "sample_question",
              "categories", "temporal_category", "style", "knowledge", "targets", "out_of_character"}
@@ -134,35 +135,8 @@ def load_persona(path: str | Path | None) -> Persona:
 def _load(path: Path) -> Persona:
     if not path.is_file():
         raise DeepRedError(f"persona file not found: {path}; pass --persona FILE.yaml (see README, 'Your own persona')")
-    data, lines = _read_yaml(path)
+    data, lines = read_yaml_with_lines(path)
     return _Reader(path, data, lines).persona()
-
-
-def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """The data and the line of every key and list item, keyed by its path of keys and indexes."""
-    import yaml
-
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise invalid_yaml(path, exc) from exc
-    lines: dict[tuple, int] = {}
-    constructor = yaml.SafeLoader("")
-
-    def walk(node, where: tuple):
-        lines[where] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            data = {}
-            for k, v in node.value:
-                key = constructor.construct_object(k)
-                data[key] = walk(v, where + (key,))
-                lines[where + (key,)] = k.start_mark.line + 1  # "key:" names the line, even for a block below it
-            return data
-        if isinstance(node, yaml.SequenceNode):
-            return [walk(item, where + (i,)) for i, item in enumerate(node.value)]
-        return constructor.construct_object(node)
-
-    return (walk(root, ()) if root is not None else None), lines
 
 
 def _dotted(where: tuple) -> str:
