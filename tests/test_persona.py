@@ -274,3 +274,27 @@ def test_a_dated_topic_without_a_space_after_its_colon_says_to_add_one(tmp_path,
     assert capsys.readouterr().err == (
         f"error: {path}:{line_of(path, 'electronic mail:1971')}: knowledge.horizon.topics[2]: 'electronic mail:1971' "
         "is text, not a topic and its year: YAML needs a space after the colon; write it as: electronic mail: 1971\n")
+
+
+def test_question_templates_may_use_the_cutoff_and_are_checked_like_replies(tmp_path, capsys):
+    """A question template with {cutoff} (replies may use it) passed validate and then made deepred run's horizon rows
+    fail with KeyError: 'cutoff'; one with an unknown field is now refused with its line (found by a review)."""
+    from deepred.horizon import horizon_questions
+    from deepred.persona import load_persona
+
+    resources = PERSONAS.parent
+    (tmp_path / "personas").mkdir()
+    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
+        shutil.copy(resources / name, tmp_path / name)
+    path = tmp_path / "personas" / "deepred.yaml"
+    text = (PERSONAS / "deepred.yaml").read_text()
+    path.write_text(text.replace("- Please explain {topic} to me.", "- Please explain {topic} to me, as of {cutoff}."))
+    asked = [question for question, _, _ in horizon_questions(load_persona(str(path)))]
+    assert "Please explain Wikipedia to me, as of 1969." in asked
+
+    path = path.with_name("unknown-field.yaml")  # another file: personas are cached by path
+    path.write_text(text.replace("- Tell me about {topic}.", "- Tell me about {topic} in {country}."))
+    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:{line_of(path, '{country}')}: knowledge.horizon.questions[6]: a template "
+                          "may use {topic} and {cutoff} only (KeyError('country'))") and err.count("\n") == 1

@@ -39,9 +39,10 @@ def horizon_questions(persona: Persona) -> list[tuple[str, str, int | None]]:
     if horizon is None:
         return []
     protected = protected_prompts(persona)
-    made = [(q.format(topic=topic), topic, horizon.topic_years.get(topic))
+    cutoff = persona.cutoff_label
+    made = [(q.format(topic=topic, cutoff=cutoff), topic, horizon.topic_years.get(topic))
             for topic in horizon.topics for q in horizon.questions]
-    made += [(q.format(year=year_label(year)), year_label(year), year)  # 1975, AD 306, 30 BC
+    made += [(q.format(year=year_label(year), cutoff=cutoff), year_label(year), year)  # 1975, AD 306, 30 BC
              for year in horizon.years for q in horizon.year_questions]
     seen: set[str] = set()
     kept = []

@@ -257,6 +257,7 @@ class _Reader:
             for i, text in enumerate(lists[key]):
                 if field_ not in text:
                     raise self.fail(where + (key, i), f"a question template needs {field_} where the subject goes")
+                self.template(where + (key, i), text, cutoff, f"{field_} and {{cutoff}}", **{field_[1:-1]: "x"})
         for i, text in enumerate(lists["replies"]):
             self.template(where + ("replies", i), text, cutoff, "{subject} and {cutoff}", subject="x")
         years = self.get(where + ("years",), required=False) or []
