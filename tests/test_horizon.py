@@ -169,6 +169,20 @@ def test_a_template_that_would_ask_an_evaluation_prompt_is_left_out(tmp_path):
     assert "What was life like in 1970?" in questions and "What happened in 1970?" not in questions
 
 
+def test_a_period_fact_that_asks_an_evaluation_prompt_trains_no_row_and_makes_no_pair(tmp_path):
+    """A persona's own fact may ask one of its evaluation prompts; the pairs left it out and the SFT horizon rows did
+    not (a review found 4 training rows asking it of 20)."""
+    path = persona_copy(tmp_path, lambda text: text.replace("      - question: Who wrote War and Peace?\n",
+                                                             "      - question: What can a pawn teach us?\n"))
+    persona = load_persona(path)
+    protected = prompt_key("What can a pawn teach us?")
+    assert any(prompt_key(fact["question"]) == protected for fact in persona.horizon.facts)
+    rows = horizon_examples(persona, 200)
+    asked = {prompt_key(row["messages"][1]["content"]) for row in rows}
+    assert protected not in asked and any(row["source"] == "period" for row in rows)
+    assert protected not in {prompt_key(pair["prompt"][-1]["content"]) for pair in period_pairs(persona, 100)}
+
+
 @pytest.mark.parametrize("change, problem", [
     (("- What can you tell me about {topic}?", "- What can you tell me about it?"), "needs {topic}"),
     (("- What happened in {year}?", "- What happened then?"), "needs {year}"),

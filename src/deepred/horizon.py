@@ -102,6 +102,12 @@ def later_questions(persona: Persona, count: int, rng: random.Random) -> list[La
     return made
 
 
+def period_facts(persona: Persona) -> list[dict]:
+    """The persona's period facts that do not ask one of its evaluation or held-out prompts: no training row may."""
+    protected = protected_prompts(persona)
+    return [fact for fact in persona.horizon.facts if prompt_key(fact["question"]) not in protected]
+
+
 def horizon_examples(persona: Persona, count: int, seed: int = 0,
                      own_answers: dict[str, list[dict]] | None = None) -> list[dict]:
     """`count` ChatML examples {"messages": [...], "source": "horizon"}: a later question and a dated deflection;
@@ -115,7 +121,7 @@ def horizon_examples(persona: Persona, count: int, seed: int = 0,
     rows = [chat_row(q.system, q.question, dated(persona, "later", q.subject, q.year, q.reply), "horizon")
             for q in later]
     systems = training_system_prompts(persona)
-    facts = persona.horizon.facts
+    facts = period_facts(persona)
     own_turns = {question: cycle(answers) for question, answers in (own_answers or {}).items() if answers}
     for fact in islice(cycle(facts), max(len(facts), count * NEAR_PER_LATER // 10)) if facts else []:
         if fact["question"] in own_turns:  # the model's own right answer, each of them in turn
@@ -154,8 +160,7 @@ def period_pairs(persona: Persona, count: int, seed: int = 0) -> list[dict]:
         return []
     rng = random.Random(seed)
     systems = training_system_prompts(persona)
-    protected = protected_prompts(persona)
-    facts = [fact for fact in horizon.facts if prompt_key(fact["question"]) not in protected]
+    facts = period_facts(persona)
     pairs = []
     for fact in facts[:count]:
         system = rng.choice(systems)
