@@ -69,12 +69,16 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
     def prompt_row(row: dict) -> dict:
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DeepRedError(f"{path}:{row['_line']}: needs a non-empty \"prompt\" string")
-        return prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path),
-                             f"{path}:{row['_line']}")
+        fields = prompt_fields(row, f"prompt-{row['_line']:03d}", checked_kind(row, persona, path),
+                               f"{path}:{row['_line']}")
+        if fields.get("kind") == "control" and not fields.get("expect_any"):  # else only anachronisms are looked for
+            raise DeepRedError(f"{path}:{row['_line']}: a control question needs \"expect_any\", the words a right "
+                               "answer names (e.g. [\"gagarin\"]), or whether it was answered cannot be told")
+        return {**fields, "_line": row["_line"]}
 
     prompts = read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}', check=prompt_row)
     check_unique_ids(prompts, path)
-    return prompts
+    return [{k: v for k, v in row.items() if k != "_line"} for row in prompts]
 
 
 LATER_KIND = "post_cutoff"  # the era-neutral spelling of post_<cutoff>
@@ -127,11 +131,15 @@ def prompt_fields(row: dict, default_id: str, kind: str | None = None, where: st
 
 
 def check_unique_ids(rows: list[dict], path: Path) -> None:
-    seen = set()
+    """Each id once; a second one is named with both lines where the rows carry them (`_line`)."""
+    seen: dict[str, dict] = {}
     for row in rows:
         if row["id"] in seen:
-            raise DeepRedError(f"{path}: id '{row['id']}' appears twice; ids must be unique")
-        seen.add(row["id"])
+            first, again = seen[row["id"]].get("_line"), row.get("_line")
+            where = f"{path}:{again}" if again else str(path)
+            also = f" (first on line {first})" if first else ""
+            raise DeepRedError(f"{where}: id '{row['id']}' appears twice{also}; ids must be unique")
+        seen[row["id"]] = row
 
 
 def sample_question(persona: Persona) -> str:

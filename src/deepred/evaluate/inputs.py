@@ -26,12 +26,13 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
             raise DeepRedError(f"{path}:{row['_line']}: needs a \"response\" (or an \"error\" for a failed request)")
         entry = prompt_fields(row, f"response-{row['_line']:03d}", checked_kind(row, persona, path),
                               f"{path}:{row['_line']}")
-        entry.update(response=response or "", error=row.get("error") or None)
+        entry.update(response=response or "", error=row.get("error") or None, _line=row["_line"])
         return entry
 
     rows = read_jsonl(path, "responses", '{"id": ..., "prompt": ..., "response": ...}', check=answer_row)
     check_unique_ids(rows, path)
-    return _with_known_temporal_kinds(rows, prompts_path, persona)
+    return _with_known_temporal_kinds([{k: v for k, v in row.items() if k != "_line"} for row in rows],
+                                      prompts_path, persona)
 
 
 def _with_known_temporal_kinds(rows: list[dict], prompts_path: str | Path | None, persona: Persona) -> list[dict]:
