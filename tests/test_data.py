@@ -38,6 +38,12 @@ BAD_LINES = {
     "system not first": (_line([{"role": "user", "content": "u"}, {"role": "system", "content": "s"},
                                 {"role": "assistant", "content": "a"}]), "system message may only come first"),
     "no user": (_line([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]), "no user turn"),
+    # half of an emoji as a JSON escape: json reads it, no tokenizer takes it (a review found a TypeError traceback)
+    "lone surrogate": ('{"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", '
+                       '"content": "y"}]}', "content holds half of a character (a lone surrogate '\\ud83d'"),
+    "too deep": ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "not JSON this reader can take (maximum "
+                 "recursion depth"),
+    "huge number": ('{"messages": [], "n": ' + "9" * 5000 + "}", "not JSON this reader can take (Exceeds the limit"),
 }
 
 

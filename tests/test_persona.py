@@ -199,7 +199,7 @@ def test_validate_reports_coverage_of_the_personas_system_prompts_and_categories
     assert "examples per category: not known" in out
 
     rows = [{"category": "household", "messages": [{"role": "system", "content": butler.system_prompts["primary"]},
-                                                   {"role": "user", "content": "How should the silver be cared for?"},
+                                                   {"role": "user", "content": "How should the silver be cared for"},
                                                    {"role": "assistant", "content": "With rouge, sir."}]},
             {"category": "etiquette", "messages": [{"role": "user", "content": "Hello?"},
                                                    {"role": "assistant", "content": "Good evening, sir."}]},
@@ -213,7 +213,7 @@ def test_validate_reports_coverage_of_the_personas_system_prompts_and_categories
     assert ("examples per system prompt: evaluation 0, primary 1, no system prompt 1, another system prompt 1"
             in out)
     assert "household 1, etiquette 1, service 0" in out and "chess (not a category of the persona) 1" in out
-    assert "evaluation prompts asked in the dataset: 1 of 48 (household-01)" in out
+    assert "evaluation prompts asked in the dataset: 1 of 48 (household-01)" in out  # "?" left off: the same question
 
 
 def test_run_and_demo_take_a_persona_and_refuse_a_bad_one_before_training(tmp_path, capsys):

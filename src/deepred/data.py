@@ -86,6 +86,11 @@ def check_content(message: dict, where: str) -> list[str]:
         return [f"{where} content must be a string, got {type(content).__name__}"]
     if not content.strip():
         return [f"{where} content is empty"]
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape of half a character ("\ud83d"): no tokenizer takes it
+        return [f"{where} content holds half of a character (a lone surrogate {content[exc.start]!r} at character "
+                f"{exc.start}); write the whole character"]
     return []
 
 

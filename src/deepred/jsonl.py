@@ -26,6 +26,8 @@ def parse_json_object(line_bytes: bytes, shape: str) -> tuple[dict | None, list[
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, [f"not valid JSON ({exc.msg} at column {exc.colno})"]
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits; nesting deeper than Python goes
+        return None, [f"not JSON this reader can take ({str(exc).split(';')[0] or type(exc).__name__})"]
     if not isinstance(obj, dict):
         return None, [f"expected an object like {shape}"]
     return obj, []

@@ -11,7 +11,7 @@ from .data import DatasetReport, summarize, validate_file
 from .models.loading import load_tokenizer
 from .models.registry import resolve_base_model
 from .persona import Persona, load_persona
-from .prompts import load_prompts
+from .prompts import load_prompts, prompt_key
 
 
 @dataclass
@@ -87,9 +87,9 @@ def persona_coverage(report: DatasetReport, persona: Persona) -> str:
     else:
         lines.append(f"    examples per category: not known (no line has a \"category\" field; the persona's "
                      f"categories are {', '.join(persona.categories)})")
-    questions = {p["prompt"].strip().lower(): p for p in load_prompts(None, persona)}
-    seen = sorted({questions[m["content"].strip().lower()]["id"] for example in report.examples
-                   for m in example["messages"] if m["role"] == "user" and m["content"].strip().lower() in questions})
+    questions = {prompt_key(p["prompt"]): p for p in load_prompts(None, persona)}  # as the pairs refusal compares
+    seen = sorted({questions[prompt_key(m["content"])]["id"] for example in report.examples
+                   for m in example["messages"] if m["role"] == "user" and prompt_key(m["content"]) in questions})
     lines.append(f"    evaluation prompts asked in the dataset: {len(seen)} of {len(questions)}"
                  + (f" ({', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''}): held-out questions should not "
                     "be trained on" if seen else ""))
