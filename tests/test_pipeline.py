@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,12 +47,15 @@ def _decisions(text: str) -> dict[str, str]:
     return dict(re.findall(r"^\[(\w+)\] (skipped|running)", text, flags=re.M))
 
 
-def test_skip_rerun_from_and_failure(tiny_model, tmp_path):
+def test_skip_rerun_from_and_failure(tiny_model, tmp_path, monkeypatch):
     dataset = tmp_path / "data.jsonl"
     shutil.copy(DATA / "mini.jsonl", dataset)
     run_dir = tmp_path / "run"
 
-    first = _run(tiny_model, run_dir, dataset)
+    monkeypatch.chdir(tmp_path)
+    first = _run(tiny_model, Path("run"), dataset)  # relative; the reruns below name it from another folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert set(_decisions(first).values()) == {"running"}
     assert "[pairs] running (first run)\n  nothing to do: no --preference" in first
     assert "[prefer] running (first run)\n  nothing to do: no --preference" in first
@@ -348,3 +352,16 @@ def test_a_corrupt_manifest_is_one_line_and_nothing_is_touched(tiny_model, tmp_p
     assert err.endswith("); delete it to rerun every stage\n") and err.count("\n") == 1
     assert [p.name for p in run_dir.iterdir()] == ["manifest.json"]
     assert (run_dir / "manifest.json").read_text() == text
+
+
+def test_paths_written_with_a_tilde_are_expanded_before_any_work(tmp_path, monkeypatch):
+    """YAML does not expand `~` as a shell does: `pairs: ~/p.jsonl` passed the early check and then failed after SFT
+    with FileNotFoundError, and `output_dir: ~/runs/x` made a folder named `~` (found by a review)."""
+    from deepred.pipeline.run import with_expanded_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = with_expanded_paths(RunConfig(output_dir="~/runs/x", pairs="~/p.jsonl", eval_prompts="~/e.jsonl",
+                                        dataset="data/~x.jsonl", base_model="~/models/base"))
+    assert (cfg.output_dir, cfg.pairs, cfg.eval_prompts, cfg.base_model) == (
+        f"{tmp_path}/runs/x", f"{tmp_path}/p.jsonl", f"{tmp_path}/e.jsonl", f"{tmp_path}/models/base")
+    assert cfg.dataset == "data/~x.jsonl" and cfg.persona is None  # only a leading ~ is the home folder

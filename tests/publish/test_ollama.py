@@ -506,15 +506,43 @@ def test_run_config_takes_the_deploy_target_from_yaml_and_flags(tmp_path):
 
 
 def test_the_pipelines_deploy_stage_goes_to_ollama(env, gguf, fake_ollama):
-    from deepred.pipeline import STAGE_FUNCTIONS, Manifest, Run
+    from deepred.pipeline import STAGE_FUNCTIONS
 
     fake = fake_ollama()
-    cfg = RunConfig(output_dir=str(env / "run"), deploy=True, deploy_target="ollama", name="deepred-run")
-    run = Run(cfg, env / "run", Manifest(env / "run" / "manifest.json"), log=lambda *a: None,
-              outputs={"convert": {"q4_k_m": str(gguf)}})
     _, deploy_stage = STAGE_FUNCTIONS["deploy"]
-    assert deploy_stage(run, {}) == {"deployed": str(env / "output" / "deepred.Modelfile")}
+    assert deploy_stage(pipeline_run(env, gguf), {}) == {"deployed": str(env / "output" / "deepred.Modelfile")}
     assert fake.calls()[-1] == ["create", "deepred-run", "-f", str(env / "output" / "deepred.Modelfile")]
+
+
+def pipeline_run(env: Path, gguf: Path):
+    """A `deepred run` at its deploy stage: convert done (its GGUF `gguf`), deploying to Ollama as deepred-run."""
+    from deepred.pipeline import Manifest, Run
+
+    cfg = RunConfig(output_dir=str(env / "run"), deploy=True, deploy_target="ollama", name="deepred-run")
+    manifest = Manifest(env / "run" / "manifest.json", {"convert": {"status": "done", "output_hash": "a" * 64}})
+    (env / "run").mkdir(exist_ok=True)
+    return Run(cfg, env / "run", manifest, log=lambda *a: None, outputs={"convert": {"q4_k_m": str(gguf)}})
+
+
+def test_a_deploy_stage_retried_after_its_own_create_replaces_that_model_and_no_other(env, gguf, fake_ollama):
+    """`ollama create` succeeded, then a later step failed (the check chat, say): the stage failed, and "run the same
+    command again" was refused because Ollama now had the model (found by a review). The run's own model of the same
+    GGUF under the same name is replaced; one of another GGUF (a retrained run) still needs --force."""
+    from deepred.pipeline import STAGE_FUNCTIONS
+
+    fake = fake_ollama(models=["deepred-run:latest"])
+    _, deploy_stage = STAGE_FUNCTIONS["deploy"]
+    place = {"name": "deepred-run", "models_dir": None, "target": "ollama"}
+    for previous in ({}, {"status": "failed", "attempt": {**place, "gguf": "b" * 64}},
+                     {"status": "done", "inputs": {**place, "gguf": "b" * 64}}):
+        with pytest.raises(DeepRedError, match="Ollama already has a model 'deepred-run': add --force"):
+            deploy_stage(pipeline_run(env, gguf), previous)
+    assert ["create"] not in [call[:1] for call in fake.calls()]
+
+    run = pipeline_run(env, gguf)
+    assert deploy_stage(run, {"status": "failed", "attempt": {**place, "gguf": "a" * 64}})
+    assert fake.calls()[-1][:2] == ["create", "deepred-run"]
+    assert run.manifest.stages["deploy"]["attempt"] == {**place, "gguf": "a" * 64}  # recorded before deploying
 
 
 
@@ -543,3 +571,24 @@ def test_an_incomplete_gguf_is_refused_before_anything_is_written(env, fake_olla
     assert main(["deploy", str(target), "--target", "ollama", "--name", "deepred"]) == 0
     assert files_in(target.parent) == ["deepred.Modelfile", "deepred.gguf"]
     assert fake.calls() == [["list"], ["create", "deepred", "-f", str(env / "output" / "deepred.Modelfile")]]
+
+
+def test_the_deploy_stage_reruns_when_the_persona_file_changes_for_ollama_only(env, gguf, tmp_path):
+    """Ollama's Modelfile carries the persona's system prompt: an edited persona file must redeploy (its path alone
+    was the input, so a changed prompt was 'skipped: inputs unchanged'; found by a review). LM Studio's copy does not
+    depend on it."""
+    import dataclasses
+
+    from deepred.files import file_sha256
+    from deepred.pipeline import STAGE_FUNCTIONS
+
+    deploy_inputs, _ = STAGE_FUNCTIONS["deploy"]
+    bundled = load_persona("butler.yaml").file
+    persona = tmp_path / "persona.yaml"
+    shutil.copy(bundled, persona)
+    shutil.copy(bundled.parent / "butler_prompts.jsonl", tmp_path)  # the prompts file it names
+    run = pipeline_run(env, gguf)
+    run.cfg = dataclasses.replace(run.cfg, persona=str(persona))
+    assert deploy_inputs(run)["persona_sha256"] == file_sha256(persona)
+    run.cfg = dataclasses.replace(run.cfg, deploy_target="lmstudio")
+    assert "persona_sha256" not in deploy_inputs(run)

@@ -31,6 +31,16 @@ def with_horizon_default(cfg: RunConfig, persona) -> RunConfig:
     return dataclasses.replace(cfg, horizon_examples=RUN_HORIZON_EXAMPLES if persona.horizon else 0)
 
 
+# settings that name files or folders: YAML does not expand `~` as a shell does, so the run does it once for all
+RUN_PATH_SETTINGS = ("output_dir", "base_model", "dataset", "pairs", "eval_prompts", "persona", "period_answers",
+                     "models_dir")
+
+
+def with_expanded_paths(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, **{name: str(Path(value).expanduser()) for name in RUN_PATH_SETTINGS
+                                       if isinstance(value := getattr(cfg, name), str) and value.startswith("~")})
+
+
 def _check_run_folder(cfg: RunConfig, run_dir: Path) -> None:
     """The run folder may never hold this pipeline's inputs."""
     base = None if is_builtin(cfg.base_model) else cfg.base_model  # built-ins live in the cache
@@ -53,14 +63,19 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     if cfg.method != "sft":
         raise DeepRedError(f"--method {cfg.method}: `deepred run` trains SFT first; add --preference {cfg.method} for "
                            "preference training of the same LoRA after it")
-    run_dir = Path(cfg.output_dir or RunConfig.output_dir)
+    # absolute: the manifest's outputs, the cards' and the resume command's paths hold from any folder (a rerun
+    # from elsewhere retrained every stage)
+    cfg = with_expanded_paths(cfg)
+    run_dir = Path(cfg.output_dir or RunConfig.output_dir).expanduser().absolute()
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     _check_run_folder(cfg, run_dir)
     if cfg.evaluate or cfg.preference != "none" or cfg.horizon_examples is None:  # a bad persona file is found now,
         cfg = with_horizon_default(cfg, load_persona(cfg.persona))               # not after hours of training
     if cfg.preference != "none" and not cfg.pairs and not (cfg.pair_voice + cfg.pair_horizon + cfg.pair_period
                                                           + cfg.pair_present):
         raise DeepRedError(f"--preference {cfg.preference}: --pair_voice, --pair_horizon, --pair_period and "
-                           "--pair_present are all 0, so there are no pairs to train on; ask for some or pass --pairs FILE")
+                           "--pair_present are all 0, so there are no pairs to train on; ask for some or pass "
+                           "--pairs FILE")
     if cfg.preference != "none" and cfg.pairs:  # and pairs that are malformed or ask an evaluation prompt
         report, _ = load_pairs_for_training(cfg.pairs, cfg.skip_invalid, lambda *a: None)
         refuse_evaluation_prompts(report.pairs, load_persona(cfg.persona), report.path)

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..config import STAGES, ConvertConfig, DeployConfig, MergeConfig
 from ..export.check import check_gguf
 from ..export.convert import convert
-from ..files import write_json
+from ..files import file_sha256, write_json
 from ..merge import merge
+from ..persona import load_persona
 from ..publish.deploy import deploy
 from .evaluation import evaluate_inputs, evaluate_stage
 from .manifest import Run, model_identity
@@ -55,7 +56,8 @@ def remove_stale_ggufs(run: Run, before: dict, now: dict) -> None:
         path = Path(stale)
         if path.is_file() and path.parent == run.run_dir:
             path.unlink()
-            run.log(f"removed {path.name}: an earlier convert of this run wrote it, and --quant_types no longer makes it")
+            run.log(f"removed {path.name}: an earlier convert of this run wrote it, and --quant_types no longer "
+                    "makes it")
 
 
 def _check_inputs(run: Run) -> dict:
@@ -73,16 +75,25 @@ def _check(run: Run, previous: dict) -> dict:
 
 
 def _deploy_inputs(run: Run) -> dict:
-    return {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
-            "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target, "persona": run.cfg.persona}
+    inputs = {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
+              "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target, "persona": run.cfg.persona}
+    if run.cfg.deploy and run.cfg.deploy_target == "ollama":  # its system prompt goes into the Modelfile
+        inputs["persona_sha256"] = file_sha256(load_persona(run.cfg.persona).file)
+    return inputs
 
 
 def _deploy(run: Run, previous: dict) -> dict:
     if not run.cfg.deploy:
         return {}
     first = run.outputs["convert"][run.cfg.quant_types[0]]
+    attempt = {key: value for key, value in _deploy_inputs(run).items()
+               if key in ("gguf", "name", "models_dir", "target")}
+    # this run's own deployment of this GGUF under this name (done, or created before a later step failed) is
+    # replaced without --force; another model under the name, a retrained one included, still needs it
+    ours = attempt in (previous.get("attempt"), {key: previous.get("inputs", {}).get(key) for key in attempt})
+    run.manifest.record("deploy", attempt=attempt)
     deployed = deploy(DeployConfig(gguf=first, name=run.cfg.name, models_dir=run.cfg.models_dir,
-                                   force=run.cfg.force, target=run.cfg.deploy_target, persona=run.cfg.persona),
+                                   force=run.cfg.force or ours, target=run.cfg.deploy_target, persona=run.cfg.persona),
                       log=run.log)
     return {"deployed": str(deployed)}
 
