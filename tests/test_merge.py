@@ -209,3 +209,21 @@ def test_verify_refuses_an_adapter_whose_weights_are_not_numbers(trained_run, ti
                                     "so the adapter's weights are not numbers (its training diverged: lower "
                                     "--learning_rate and train again); nothing was written"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{bad", "cannot be read as JSON"), ("[1]", "is not a JSON object"),
+    (json.dumps({"base_model_name_or_path": "nonexistent-org/no-such-model", "peft_type": "LORA"}),
+     "cannot load model 'nonexistent-org/no-such-model'")])
+def test_a_damaged_adapter_or_a_base_model_not_to_be_had_is_one_line(tmp_path, capsys, monkeypatch, config, message):
+    """A review found tracebacks: adapter_config.json not a JSON object (JSONDecodeError, AttributeError), and
+    --dtype auto reading the named base model's config past the loader that turns hub failures into one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    out = tmp_path / "merged"
+    assert main(["merge", "--lora_path", str(adapter), "--output_path", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()

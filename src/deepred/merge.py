@@ -13,7 +13,7 @@ from .chat_template import template_messages
 from .config import MergeConfig
 from .errors import DeepRedError
 from .files import atomic_folder, output_lock, refuse_output_over_inputs
-from .models.loading import declared_tokenizer_flags, from_pretrained, set_tokenizer_flags
+from .models.loading import adapter_trained_on, declared_tokenizer_flags, from_pretrained, set_tokenizer_flags
 from .models.registry import resolve_base_model
 from .persona import load_persona
 from .prompts import sample_chat
@@ -34,7 +34,7 @@ def adapter_base_model(lora_path: Path) -> str:
     if not config_path.is_file():
         raise DeepRedError(f"{lora_path} is not a LoRA adapter folder (no adapter_config.json); "
                            "pass the run's final/ folder as --lora_path")
-    return json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    return adapter_trained_on(lora_path)
 
 
 def same_model(a: str, b: str) -> bool:
@@ -57,13 +57,13 @@ def check_base_matches(base_model: str, lora_path: Path, force: bool) -> str:
     return base_model
 
 
-def merge_dtype(name: str, base_model: str):
+def merge_dtype(name: str, base_model: str, trust_remote_code: bool = False):
     """(torch dtype, its name); `auto` is the base model's own dtype."""
     import torch
     from transformers import AutoConfig
 
     if name == "auto":
-        config = AutoConfig.from_pretrained(base_model)
+        config = from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
         name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
         name = name.replace("torch.", "")
     return getattr(torch, name), name
@@ -85,7 +85,7 @@ def _merge_into(cfg: MergeConfig, lora_path: Path, output_path: Path, base_model
 
     check_replaceable(output_path, cfg.force)
     persona = load_persona(cfg.persona) if cfg.verify else None  # a bad persona file is refused before the work
-    dtype, dtype_name = merge_dtype(cfg.dtype, base_model)
+    dtype, dtype_name = merge_dtype(cfg.dtype, base_model, cfg.trust_remote_code)
     log(f"merging {lora_path} into {base_model} ({dtype_name})")
 
     base = from_pretrained(AutoModelForCausalLM, base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -102,7 +102,7 @@ def _merge_into(cfg: MergeConfig, lora_path: Path, output_path: Path, base_model
         (tmp / MERGE_RECORD).write_text(json.dumps({"lora_path": str(lora_path), "base_model": base_model,
                                                     "dtype": dtype_name}, indent=2))
         if cfg.verify:  # before publishing: a merge that fails verification never appears at the output path
-            verify(tmp, base_model, lora_path, dtype_name, persona, log)
+            verify(tmp, base_model, lora_path, dtype_name, persona, log, cfg.trust_remote_code)
     log(f"merged model saved to {output_path}")
     return output_path
 
@@ -117,7 +117,8 @@ def check_replaceable(output_path: Path, force: bool) -> None:
                        "--force to replace it, or choose another --output_path")
 
 
-def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str, persona=None, log=print) -> float:
+def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str, persona=None, log=print,
+           trust_remote_code: bool = False) -> float:
     """Merged logits must equal base+adapter logits on chat-formatted prompts; then generate one reply to the
     persona's sample question."""
     import torch
@@ -125,14 +126,15 @@ def verify(merged_path: Path, base_model: str, lora_path: Path, dtype_name: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, dtype_name)
-    tokenizer = AutoTokenizer.from_pretrained(merged_path)
+    tokenizer = AutoTokenizer.from_pretrained(merged_path, trust_remote_code=trust_remote_code)
     sample = sample_chat(persona or load_persona(None))
     chats = [sample, *([sample[0], {"role": "user", "content": q}] for q in CHECK_QUESTIONS)]
     batches = [tokenizer.apply_chat_template(template_messages(tokenizer, chat), add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)
                for chat in chats]
-    merged = from_pretrained(AutoModelForCausalLM, str(merged_path), dtype=dtype).eval()
-    reference = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, base_model, dtype=dtype),
+    remote = {"trust_remote_code": trust_remote_code}
+    merged = from_pretrained(AutoModelForCausalLM, str(merged_path), dtype=dtype, **remote).eval()
+    reference = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, base_model, dtype=dtype, **remote),
                                           str(lora_path)).eval()
     worst, scale, finite = 0.0, 0.0, True
     with torch.no_grad():

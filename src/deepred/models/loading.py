@@ -115,3 +115,18 @@ def set_tokenizer_flags(model_dir: Path, flags: dict) -> None:
     config = tokenizer_config(model_dir)
     config.update(flags)
     (Path(model_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def adapter_trained_on(adapter: Path) -> str:
+    """The base model a PEFT adapter folder names (adapter_config.json's base_model_name_or_path, "" if none); a
+    config that is not a JSON object is one line."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeepRedError(f"{path} cannot be read as JSON ({exc}); the adapter folder is damaged: train it again or "
+                           "restore the file") from exc
+    if not isinstance(config, dict):
+        raise DeepRedError(f"{path} is not a JSON object; the adapter folder is damaged: train it again or restore "
+                           "the file")
+    return config.get("base_model_name_or_path") or ""

@@ -3,14 +3,13 @@ every attention and MLP projection of the architecture (or those chosen, in ever
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import DeepRedError
-from ..models.loading import from_pretrained
+from ..models.loading import adapter_trained_on, from_pretrained
 from .hardware import Hardware
 
 # LoRA targets by architecture: its attention projections, then its MLP projections. Unknown families use PEFT's
@@ -149,7 +148,7 @@ def continue_adapter(model, adapter: str, base_model: str):
     if not config.is_file():
         raise DeepRedError(f"--init_adapter {adapter}: no adapter_config.json there; pass an adapter folder such as a "
                            "training run's final/")
-    trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
+    trained_on = adapter_trained_on(path)
     if trained_on and Path(trained_on).expanduser().resolve() != Path(base_model).expanduser().resolve() \
             and trained_on != base_model:
         raise DeepRedError(f"--init_adapter {adapter} was trained on '{trained_on}', not '{base_model}'; pass "

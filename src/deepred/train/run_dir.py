@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import TrainConfig, settings_with_role
 from ..errors import DeepRedError
 from ..files import read_json
+from ..models.loading import adapter_trained_on
 from ..records import FINAL, RUN_CONFIG, TRAIN_RESULTS, with_absolute_paths
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -147,8 +148,7 @@ def resume_point(cfg: TrainConfig, output_dir: Path, base_model: str, data_hash:
 def check_checkpoint_matches(checkpoint: Path, base_model: str, data_hash: str) -> None:
     """The checkpoint was trained on this base model and dataset, as its own run folder recorded them (not the new
     --output_dir's, which --resume_from_checkpoint may leave as a fresh folder)."""
-    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
-    trained_on = adapter_config.get("base_model_name_or_path")
+    trained_on = adapter_trained_on(checkpoint)
     if trained_on and trained_on != base_model:
         raise DeepRedError(f"checkpoint {checkpoint} was trained on base model '{trained_on}', not '{base_model}'; "
                            f"pass --base_model {trained_on} or start a new --output_dir")
