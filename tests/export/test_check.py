@@ -188,3 +188,27 @@ def test_check_cli_exits_non_zero_on_a_corrupted_file(gguf_file, merged_model, t
     assert proc.returncode != 0
     assert "error:" in proc.stderr and "convert it again" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_nan_on_any_check_prompt_fails_parity():
+    """Python's max() keeps the first of [1e-6, nan]: NaN logits on the second or third prompt passed (a review)."""
+    import numpy as np
+
+    from deepred.export.check import compare_logits
+
+    reference = [np.ones((3, 5), dtype=np.float32), np.ones((2, 5), dtype=np.float32)]
+    broken = [reference[0] + 1e-7, np.full((2, 5), np.nan, dtype=np.float32)]
+    assert not compare_logits(reference, broken)["relative_diff"] <= 1e-3
+    assert compare_logits(reference, [reference[0] + 1e-7, reference[1]])["relative_diff"] <= 1e-3
+
+
+def test_a_model_folder_without_a_chat_template_is_one_line(gguf_file, merged_model, tmp_path, capsys):
+    """The check renders conversations with the folder's chat template: without one it was a ValueError traceback."""
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for item in merged_model.iterdir():
+        if item.name != "chat_template.jinja":
+            (folder / item.name).symlink_to(item)
+    assert main(["check-gguf", str(gguf_file(merged_model, "f16")), "--model_path", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder} has no chat template") and err.count("\n") == 1, err

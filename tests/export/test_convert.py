@@ -180,6 +180,19 @@ def test_qwen_tokenizer_config_gets_add_bos_false_without_touching_the_model(mer
     assert config_path.read_text() == original
 
 
+def test_the_tokenizer_view_of_the_current_folder_is_named_after_it(merged_model, tmp_path, monkeypatch):
+    """`deepred convert --model_path .`: Path(".").name is empty, and the view was the temporary folder itself
+    ('File exists'; a review)."""
+    model = tmp_path / "saved-by-transformers5"
+    shutil.copytree(merged_model, model)
+    config_path = model / "tokenizer_config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items()
+                                       if k != "add_bos_token"}))
+    monkeypatch.chdir(model)
+    with C.converter_input(Path("."), json.loads((model / "config.json").read_text()), log=quiet) as view:
+        assert view.name == model.name and (view / "config.json").is_file()
+
+
 def test_stale_partials_of_dead_processes_are_removed(tmp_path):
     out = tmp_path / "m.gguf"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -51,6 +51,10 @@ def hf_tokenizer_view(model_dir: Path) -> tuple[list[str], list[list[int]], dict
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:  # nothing to render the check conversations with, nor for the GGUF to carry
+        raise DeepRedError(f"{model_dir} has no chat template (chat_template.jinja, or chat_template in "
+                           "tokenizer_config.json); LM Studio would fall back to a wrong prompt format: copy the base "
+                           "model's chat_template.jinja into the folder and convert again")
     texts = render_conversations(tokenizer)
     # With the special tokens the tokenizer itself adds (a BOS for Llama-3-style tokenizers): a runner adds them
     # too, as the GGUF's add_bos_token/add_eos_token say, so a wrong flag shows up as different ids.
@@ -103,6 +107,8 @@ def compare_logits(reference: list, candidate: list) -> dict:
     import numpy as np
 
     diffs = [float(np.abs(a - b).max()) for a, b in zip(reference, candidate)]
+    if not all(np.isfinite(d) for d in diffs):  # max() keeps the first of [1e-6, nan]: a NaN must never pass
+        diffs = [float("inf")]
     scale = max(float(np.abs(a).max()) for a in reference)
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, candidate))
     positions = sum(len(a) for a in reference)

@@ -58,7 +58,7 @@ def converter_input(model_dir: Path, config: dict, log=print) -> Iterator[Path]:
     log(f"tokenizer_config.json has no {', '.join(missing)} (transformers 5 drops it); converting with "
         + ", ".join(f"{key}={json.dumps(value)}" for key, value in missing.items()))
     with tempfile.TemporaryDirectory(prefix="deepred-convert-") as tmp:
-        view = Path(tmp) / model_dir.name  # the converter names the model after its folder
+        view = Path(tmp) / model_dir.resolve().name  # the converter names the model after its folder (".": none)
         view.mkdir()
         for item in model_dir.iterdir():
             if item.name != "tokenizer_config.json":
