@@ -185,8 +185,12 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     said = []
     cfg = TrainConfig(base_model=str(tiny_model), dataset=str(DATA / "mini.jsonl"), output_dir=str(tmp_path / "run"),
                       max_steps=2, batch_size=2, gradient_accumulation_steps=2, val_split=0, lora_r=4, lora_alpha=8)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = train(cfg, log=said.append, callbacks=(TooBigForTheGPU(),))
     assert result.final_dir is not None
+    # the failed attempt's Ctrl-C handler is gone: the retry restored the handlers from before (a review found Ctrl-C
+    # swallowed for the rest of the process, through deepred run's later stages)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert any("out of memory with micro-batch 2; retrying with micro-batch 1 x accumulation 4" in s for s in said)
     plan = json.loads((tmp_path / "run" / "run_config.json").read_text())["batch_plan"]
     assert (plan["micro_batch"], plan["accumulation"]) == (1, 4)

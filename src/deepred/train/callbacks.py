@@ -68,8 +68,13 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """The handlers from before training; also after a training that raised (on_train_end never ran)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
 
 class StepCount(TrainerCallback):

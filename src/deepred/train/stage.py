@@ -48,8 +48,7 @@ def train(cfg: TrainConfig, log=print, callbacks=(), given: set[str] | None = No
         every = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = resumed_config(dataclasses.replace(cfg, output_dir=str(output_dir)), every if given is None else given,
                              recorded, log)
-        finished = finished_run(output_dir)
-        if finished is not None:
+        if (finished := finished_run(output_dir)) is not None:
             log(f"{output_dir} already finished training (final/ holds its adapter); nothing to resume")
             return finished
         hw = detect_hardware(cfg.precision)  # the recorded precision
@@ -101,6 +100,7 @@ def _train_in(cfg: TrainConfig, log, callbacks, command: str | None, hw, state, 
             outcome = trainer.train(resume_from_checkpoint=resume)
             break
         except Exception as exc:  # noqa: BLE001 - out of memory is retried smaller or translated
+            stopper.restore()  # else the retry's stopper would keep this dead one's handler, swallowing Ctrl-C
             smaller = smaller_plan(plan, cfg, exc)
             if smaller is None:
                 advice = oom_advice(exc, cfg)
