@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import TrainConfig, settings_with_role
 from ..errors import DeepRedError
-from ..files import read_json
+from ..files import atomic_folder, read_json
 from ..models.loading import adapter_trained_on
 from ..records import FINAL, RUN_CONFIG, TRAIN_RESULTS, with_absolute_paths
 
@@ -176,8 +176,10 @@ def save_final(trainer, tokenizer, output_dir: Path, main_process: bool) -> Path
     final_dir = output_dir / FINAL
     if trainer.is_fsdp_enabled:
         trainer.save_model(str(final_dir))
-    if main_process:
-        if not trainer.is_fsdp_enabled:
-            trainer.model.save_pretrained(final_dir, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
+        if main_process:
+            tokenizer.save_pretrained(final_dir)
+    elif main_process:  # whole or not at all: a final/ is what tells a rerun that training finished
+        with atomic_folder(final_dir) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     return final_dir
