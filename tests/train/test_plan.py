@@ -30,6 +30,26 @@ def test_batch_plan_keeps_the_effective_batch(profile, device, world, expect):
     assert plan.micro_batch * plan.accumulation * world == cfg.batch_size * cfg.gradient_accumulation_steps
 
 
+@pytest.mark.parametrize("settings, world, message", [
+    ({"profile": "reference", "micro_batch_size": 3}, 1, "--micro_batch_size 3 does not divide the 16 examples"),
+    ({"profile": "fast", "micro_batch_size": 3}, 1, "choose one of 1, 2, 4, 8, 16, or leave it out"),
+    ({"profile": "fast"}, 3, "the effective batch 16 .* does not divide among 3 processes"),
+    ({"profile": "reference"}, 3, "does not divide among 3 processes"),
+])
+def test_a_plan_that_would_change_the_effective_batch_is_refused(settings, world, message):
+    """The README promises the effective batch never changes; a review found 15 or 12 run for 16, and
+    --micro_batch_size 3 silently run as 2."""
+    with pytest.raises(DeepRedError, match=message):
+        plan_batches(TrainConfig(**settings), Hardware("cuda", False, True, False, world))
+
+
+def test_the_reference_micro_batch_fits_each_processes_share():
+    """--batch_size 4 x 1 over two processes: 2 each, not 4 each (the reference plan trained 8 for 4)."""
+    plan = plan_batches(TrainConfig(profile="reference", batch_size=4, gradient_accumulation_steps=1),
+                        Hardware("cuda", False, True, False, 2))
+    assert (plan.micro_batch, plan.accumulation) == (2, 1)
+
+
 @pytest.mark.parametrize("profile, device, budget, loss, padding_free", [
     ("reference", "cpu", None, "trl", False),
     ("reference", "cuda", None, "trl", False),

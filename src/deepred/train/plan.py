@@ -68,18 +68,14 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     if cfg.max_tokens_per_pass is not None and cfg.neftune_noise_alpha is not None:
         raise DeepRedError("--neftune_noise_alpha needs padded batches (its noise is scaled by the length of the row it sees) and "
                            "--max_tokens_per_pass needs padding-free ones; leave one of them out")
-    effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    per_process = max(1, effective // hw.world_size)
+    per_process = examples_per_process(cfg, hw.world_size)
     on_cuda = hw.device == "cuda" and not hw.rocm
     fused = on_cuda and liger and "lm_head" not in cfg.modules_to_save
     if cfg.profile == "reference":
-        micro = cfg.micro_batch_size or cfg.batch_size
-        return BatchPlan(micro, max(1, per_process // micro), True, False, "trl", False,
+        micro = cfg.micro_batch_size or divisor_at_most(per_process, cfg.batch_size)
+        return BatchPlan(micro, per_process // micro, True, False, "trl", False,
                          attention=plan_attention(cfg, hw, False, p95_length))
-    micro = cfg.micro_batch_size or (per_process if hw.device == "cuda" else cfg.batch_size)
-    micro = max(1, min(micro, per_process))
-    while per_process % micro:
-        micro -= 1
+    micro = cfg.micro_batch_size or divisor_at_most(per_process, per_process if hw.device == "cuda" else cfg.batch_size)
     layer_kernels = fused and not (cfg.use_4bit or cfg.use_8bit)
     if cfg.method != "sft":  # TRL's preference trainers pad their pairs and compute their own loss
         return BatchPlan(micro, per_process // micro, cfg.profile == "lean", False, cfg.method,
@@ -93,6 +89,28 @@ def plan_batches(cfg: TrainConfig, hw: Hardware, fsdp: bool = False, liger: bool
     loss = "trl" if fsdp else "liger" if fused else "supervised"
     return BatchPlan(micro, per_process // micro, cfg.profile == "lean", padding_free, loss, layer_kernels,
                      cfg.max_tokens_per_pass, plan_attention(cfg, hw, padding_free, p95_length))
+
+
+def examples_per_process(cfg: TrainConfig, world_size: int) -> int:
+    """Each process's share of the effective batch per optimizer step; a share that is not whole, or a
+    --micro_batch_size that does not divide it, is refused: the effective batch never changes."""
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    if effective % world_size:
+        raise DeepRedError(f"the effective batch {effective} (--batch_size x --gradient_accumulation_steps) does not "
+                           f"divide among {world_size} processes; choose sizes whose product is a multiple of "
+                           f"{world_size}")
+    per_process = effective // world_size
+    if cfg.micro_batch_size and per_process % cfg.micro_batch_size:
+        choices = [str(n) for n in range(1, per_process + 1) if per_process % n == 0]
+        raise DeepRedError(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_process} examples "
+                           f"each process takes per optimizer step, so the effective batch would change; choose one "
+                           f"of {', '.join(choices)}, or leave it out")
+    return per_process
+
+
+def divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most `limit` (at least 1)."""
+    return next(d for d in range(max(1, min(limit, n)), 0, -1) if n % d == 0)
 
 
 def plan_attention(cfg: TrainConfig, hw: Hardware, padding_free: bool, p95_length: int | None) -> str | None:
