@@ -26,12 +26,13 @@ from .conftest import DATA
 PERSONAS = Path(load_persona(None).file).parent
 
 
-def persona_copy(tmp_path: Path, edit) -> Path:
-    """deepred.yaml (with the prompt files it names) under tmp_path, its text passed through `edit`."""
+def persona_copy(tmp_path: Path, edit, file_name: str = "deepred.yaml") -> Path:
+    """deepred.yaml (with the prompt files it names) under tmp_path as `file_name`, its text passed through `edit`
+    (another file name for a second copy: personas are cached by path)."""
     for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
         shutil.copy(PERSONAS.parent / name, tmp_path / name)
-    (tmp_path / "personas").mkdir()
-    path = tmp_path / "personas" / "deepred.yaml"
+    (tmp_path / "personas").mkdir(exist_ok=True)
+    path = tmp_path / "personas" / file_name
     path.write_text(edit((PERSONAS / "deepred.yaml").read_text()))
     return path
 

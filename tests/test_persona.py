@@ -23,10 +23,12 @@ from deepred.config import RunConfig, resolve_with_yaml
 
 from .conftest import DATA
 from .evaluate import test_evaluate as deep_red
+from .test_horizon import persona_copy as deep_red_copy
 
 BUTLER_LABELLED = DATA / "labelled_responses_butler.jsonl"
 PACKAGE = Path(E.__file__).parent
 PERSONAS = PACKAGE.parent / "resources" / "personas"
+DATASET = PACKAGE.parent / "resources" / "theme_dataset.jsonl"
 
 
 def rate(entries: list[dict], flag) -> float:
@@ -247,14 +249,8 @@ def test_no_persona_words_in_the_evaluation_code():
 def test_a_dated_topic_written_in_quotes_is_one_line_not_a_topic_named_with_its_year(tmp_path, capsys):
     """`- 'electronic mail: 1971'` is YAML text, not {electronic mail: 1971}: before, deepred run asked "What can you
     tell me about electronic mail: 1971?" and answered without a dating sentence, with no word said."""
-    resources = PERSONAS.parent
-    (tmp_path / "personas").mkdir()
-    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
-        shutil.copy(resources / name, tmp_path / name)
-    path = tmp_path / "personas" / "deepred.yaml"
-    path.write_text((PERSONAS / "deepred.yaml").read_text().replace("- electronic mail: 1971",
-                                                                   "- 'electronic mail: 1971'"))
-    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    path = deep_red_copy(tmp_path, lambda text: text.replace("- electronic mail: 1971", "- 'electronic mail: 1971'"))
+    assert main(["validate", str(DATASET), "--persona", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {path}:{line_of(path, 'electronic mail: 1971')}: knowledge.horizon.topics[2]: "
                    "'electronic mail: 1971' is text because of its quotes, not a topic and its year; write it "
@@ -263,14 +259,8 @@ def test_a_dated_topic_written_in_quotes_is_one_line_not_a_topic_named_with_its_
 
 def test_a_dated_topic_without_a_space_after_its_colon_says_to_add_one(tmp_path, capsys):
     """`- television:1936` is YAML text even without quotes: the advice is the space, not the quotes (a review)."""
-    resources = PERSONAS.parent
-    (tmp_path / "personas").mkdir()
-    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
-        shutil.copy(resources / name, tmp_path / name)
-    path = tmp_path / "personas" / "deepred.yaml"
-    path.write_text((PERSONAS / "deepred.yaml").read_text().replace("- electronic mail: 1971",
-                                                                   "- electronic mail:1971"))
-    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    path = deep_red_copy(tmp_path, lambda text: text.replace("- electronic mail: 1971", "- electronic mail:1971"))
+    assert main(["validate", str(DATASET), "--persona", str(path)]) == 2
     assert capsys.readouterr().err == (
         f"error: {path}:{line_of(path, 'electronic mail:1971')}: knowledge.horizon.topics[2]: 'electronic mail:1971' "
         "is text, not a topic and its year: YAML needs a space after the colon; write it as: electronic mail: 1971\n")
@@ -282,19 +272,15 @@ def test_question_templates_may_use_the_cutoff_and_are_checked_like_replies(tmp_
     from deepred.horizon import horizon_questions
     from deepred.persona import load_persona
 
-    resources = PERSONAS.parent
-    (tmp_path / "personas").mkdir()
-    for name in ("eval_prompts.jsonl", "heldout_prompts.jsonl"):
-        shutil.copy(resources / name, tmp_path / name)
-    path = tmp_path / "personas" / "deepred.yaml"
-    text = (PERSONAS / "deepred.yaml").read_text()
-    path.write_text(text.replace("- Please explain {topic} to me.", "- Please explain {topic} to me, as of {cutoff}."))
+    path = deep_red_copy(tmp_path, lambda text: text.replace("- Please explain {topic} to me.",
+                                                             "- Please explain {topic} to me, as of {cutoff}."))
     asked = [question for question, _, _ in horizon_questions(load_persona(str(path)))]
     assert "Please explain Wikipedia to me, as of 1969." in asked
 
-    path = path.with_name("unknown-field.yaml")  # another file: personas are cached by path
-    path.write_text(text.replace("- Tell me about {topic}.", "- Tell me about {topic} in {country}."))
-    assert main(["validate", str(resources / "theme_dataset.jsonl"), "--persona", str(path)]) == 2
+    path = deep_red_copy(tmp_path, lambda text: text.replace("- Tell me about {topic}.",
+                                                             "- Tell me about {topic} in {country}."),
+                         "unknown-field.yaml")
+    assert main(["validate", str(DATASET), "--persona", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}:{line_of(path, '{country}')}: knowledge.horizon.questions[6]: a template "
                           "may use {topic} and {cutoff} only (KeyError('country'))") and err.count("\n") == 1

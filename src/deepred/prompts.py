@@ -76,9 +76,8 @@ def load_prompts(path: str | Path | None = None, persona: Persona | None = None)
                                "answer names (e.g. [\"gagarin\"]), or whether it was answered cannot be told")
         return {**fields, "_line": row["_line"]}
 
-    prompts = read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}', check=prompt_row)
-    check_unique_ids(prompts, path)
-    return [{k: v for k, v in row.items() if k != "_line"} for row in prompts]
+    return unique_ids(read_jsonl(path, "prompts", '{"id": ..., "category": ..., "prompt": ...}', check=prompt_row),
+                      path)
 
 
 LATER_KIND = "post_cutoff"  # the era-neutral spelling of post_<cutoff>
@@ -130,8 +129,9 @@ def prompt_fields(row: dict, default_id: str, kind: str | None = None, where: st
     return prompt
 
 
-def check_unique_ids(rows: list[dict], path: Path) -> None:
-    """Each id once; a second one is named with both lines where the rows carry them (`_line`)."""
+def unique_ids(rows: list[dict], path: Path) -> list[dict]:
+    """The rows without their `_line`, once each id is seen to be used once (a second one is named with both
+    lines)."""
     seen: dict[str, dict] = {}
     for row in rows:
         if row["id"] in seen:
@@ -140,6 +140,7 @@ def check_unique_ids(rows: list[dict], path: Path) -> None:
             also = f" (first on line {first})" if first else ""
             raise DeepRedError(f"{where}: id '{row['id']}' appears twice{also}; ids must be unique")
         seen[row["id"]] = row
+    return [{key: value for key, value in row.items() if key != "_line"} for row in rows]
 
 
 def sample_question(persona: Persona) -> str:

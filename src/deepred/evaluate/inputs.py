@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import DeepRedError
 from ..persona import Persona, default_persona
-from ..prompts import check_unique_ids, checked_kind, load_prompts, prompt_fields, read_jsonl
+from ..prompts import checked_kind, load_prompts, prompt_fields, read_jsonl, unique_ids
 
 
 def load_responses(path: str | Path, prompts_path: str | Path | None = None,
@@ -30,9 +30,7 @@ def load_responses(path: str | Path, prompts_path: str | Path | None = None,
         return entry
 
     rows = read_jsonl(path, "responses", '{"id": ..., "prompt": ..., "response": ...}', check=answer_row)
-    check_unique_ids(rows, path)
-    return _with_known_temporal_kinds([{k: v for k, v in row.items() if k != "_line"} for row in rows],
-                                      prompts_path, persona)
+    return _with_known_temporal_kinds(unique_ids(rows, path), prompts_path, persona)
 
 
 def _with_known_temporal_kinds(rows: list[dict], prompts_path: str | Path | None, persona: Persona) -> list[dict]:

@@ -66,7 +66,7 @@ def run_pipeline(cfg: RunConfig, from_stage: str | None = None, log=print) -> Ru
     # absolute: the manifest's outputs, the cards' and the resume command's paths hold from any folder (a rerun
     # from elsewhere retrained every stage)
     cfg = with_expanded_paths(cfg)
-    run_dir = Path(cfg.output_dir or RunConfig.output_dir).expanduser().absolute()
+    run_dir = Path(cfg.output_dir or RunConfig.output_dir).absolute()
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     _check_run_folder(cfg, run_dir)
     if cfg.evaluate or cfg.preference != "none" or cfg.horizon_examples is None:  # a bad persona file is found now,

@@ -74,9 +74,14 @@ def _check(run: Run, previous: dict) -> dict:
     return {"parity": str(target)}
 
 
+def _deploy_place(run: Run) -> dict:
+    """Which model goes where: the GGUF (by content), the name and the target."""
+    return {"gguf": run.manifest.stages["convert"]["output_hash"], "name": run.cfg.name,
+            "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target}
+
+
 def _deploy_inputs(run: Run) -> dict:
-    inputs = {"gguf": run.manifest.stages["convert"]["output_hash"], "deploy": run.cfg.deploy, "name": run.cfg.name,
-              "models_dir": run.cfg.models_dir, "target": run.cfg.deploy_target, "persona": run.cfg.persona}
+    inputs = {**_deploy_place(run), "deploy": run.cfg.deploy, "persona": run.cfg.persona}
     if run.cfg.deploy and run.cfg.deploy_target == "ollama":  # its system prompt goes into the Modelfile
         inputs["persona_sha256"] = file_sha256(load_persona(run.cfg.persona).file)
     return inputs
@@ -86,8 +91,7 @@ def _deploy(run: Run, previous: dict) -> dict:
     if not run.cfg.deploy:
         return {}
     first = run.outputs["convert"][run.cfg.quant_types[0]]
-    attempt = {key: value for key, value in _deploy_inputs(run).items()
-               if key in ("gguf", "name", "models_dir", "target")}
+    attempt = _deploy_place(run)
     # this run's own deployment of this GGUF under this name (done, or created before a later step failed) is
     # replaced without --force; another model under the name, a retrained one included, still needs it
     ours = attempt in (previous.get("attempt"), {key: previous.get("inputs", {}).get(key) for key in attempt})
